@@ -1,0 +1,83 @@
+"""The unit of work a worker executes: one forward pass over a batch of rows.
+
+The scheduler builds a Step, services/protocol.py packs it into a StepCommand,
+and the worker unpacks it and hands it to the engine's ModelRunner. Rows are the
+decode rows first (one token each, fed from the slot's last sampled token, which
+stays on the device), then prefill chunks (their tokens travel in the step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+GREEDY = 0.0
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    """Per-request sampling facts, sent once when a request takes a slot."""
+
+    slot: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int = -1  # -1: none; 0: the sampled token's; N: plus top-N
+    prompt_tokens: tuple[int, ...] = ()  # only sent when a penalty needs the prompt
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY
+
+
+def _i32(values: object = ()) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+@dataclass
+class Step:
+    """One batch. Arrays are int32 (sample_chunks is bool); see the module docstring."""
+
+    step_id: int
+    num_decode: int = 0
+    slots: np.ndarray = field(default_factory=_i32)  # [B]
+    starts: np.ndarray = field(default_factory=_i32)  # [B] position of each row's first new token
+    chunk_lens: np.ndarray = field(default_factory=_i32)  # [B - num_decode]
+    chunk_tokens: np.ndarray = field(default_factory=_i32)  # [sum(chunk_lens)]
+    sample_chunks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [B - num_decode]
+    page_counts: np.ndarray = field(default_factory=_i32)  # [B] pages appended to each row's slot
+    page_ids: np.ndarray = field(default_factory=_i32)  # [sum(page_counts)]
+    admissions: list[SlotParams] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return int(len(self.slots))
+
+    @property
+    def num_prefill(self) -> int:
+        return self.num_rows - self.num_decode
+
+    @property
+    def num_sampled(self) -> int:
+        """Tokens the step returns: every decode row plus chunks that end their prompt."""
+        return self.num_decode + int(self.sample_chunks.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode + int(self.chunk_lens.sum())
+
+
+@dataclass
+class StepOutput:
+    """What one step produced, in row order over the rows that sample."""
+
+    step_id: int
+    tokens: np.ndarray  # int32[num_sampled]
+    logprobs: np.ndarray | None = None  # float32[num_sampled]
+    top_ids: np.ndarray | None = None  # int32[num_sampled, top_n]
+    top_logprobs: np.ndarray | None = None  # float32[num_sampled, top_n]

@@ -1,0 +1,1 @@
+"""llmrpc services: tokenizer, scheduler, worker, and the llmrpc CLI."""

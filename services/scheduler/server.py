@@ -1,0 +1,286 @@
+"""The scheduler service: token-level Generation API in front of the scheduling core.
+
+The servicer is thin: it validates requests, hands them to the core
+(`Scheduler`), and fans each step the core builds out to every worker rank over
+one long-lived Steps stream per rank. With overlap on, step N+1 is sent before
+step N's tokens are read, so the worker never waits for this process.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmrpc.services import rpc
+from llmrpc.services.protocol import decode_output, encode_step
+from llmrpc.services.scheduler.config import SchedulerConfig
+from llmrpc.services.scheduler.request import AdmissionError, TokenEvent
+from llmrpc.services.scheduler.requests_in import RequestError, build_requests
+from llmrpc.services.scheduler.scheduler import Scheduler
+from llmrpc.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("llmrpc.scheduler")
+
+FINISH_REASONS = {
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "abort": generation_pb2.FINISH_REASON_ABORT,
+    "error": generation_pb2.FINISH_REASON_ERROR,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerServiceConfig:
+    workers: tuple[str, ...]  # one target per TP rank, rank order (host:port or unix:path)
+    host: str = "127.0.0.1"
+    port: int = 50052
+    max_prefill_tokens: int = 8192
+    schedule_policy: str = "fcfs"
+    check_invariants: bool = False
+    overlap: bool = True
+    reconnect_interval_s: float = 0.5
+
+
+class WorkerLost(Exception):
+    """A rank's step stream broke or ended."""
+
+
+class WorkerGroup:
+    """The step streams to every rank: identical commands out, rank 0's tokens back."""
+
+    def __init__(self, targets: tuple[str, ...]) -> None:
+        self._targets = targets
+        self._channels = [rpc.channel(t) for t in targets]
+        self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+        self._calls: list = []
+        self.infos: list[worker_pb2.WorkerInfo] = []
+
+    async def connect(self) -> None:
+        self.infos = [await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5) for stub in self._stubs]
+        self._calls = [stub.Steps() for stub in self._stubs]
+
+    async def send(self, command: worker_pb2.StepCommand) -> None:
+        try:
+            for call in self._calls:
+                await call.write(command)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            raise WorkerLost(str(exc)) from exc
+
+    async def receive(self) -> worker_pb2.StepResult:
+        results = []
+        for rank, call in enumerate(self._calls):
+            try:
+                result = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise WorkerLost(f"rank {rank}: {exc.code().name}: {exc.details()}") from exc
+            if result is grpc.aio.EOF:
+                raise WorkerLost(f"rank {rank} closed its step stream")
+            results.append(result)
+        return results[0]
+
+    async def close(self) -> None:
+        for call in self._calls:
+            call.cancel()
+        self._calls = []
+        for channel in self._channels:
+            await channel.close()
+
+
+class SchedulerService(generation_pb2_grpc.GenerationServicer):
+    """Generation at token level, plus the step loop that drives the workers."""
+
+    def __init__(self, config: SchedulerServiceConfig) -> None:
+        self._config = config
+        self._core: Scheduler | None = None
+        self._info: worker_pb2.WorkerInfo | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._server: rpc.Server | None = None
+
+    # ---- Generation API -------------------------------------------------
+
+    async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        if not self._ready.is_set() or self._core is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected")
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            requests = build_requests(request, request_id, self._info)
+            for req in requests:
+                self._core.add_request(req)
+        except (RequestError, AdmissionError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        queue: asyncio.Queue = asyncio.Queue()
+        index_of = {req.request_id: i for i, req in enumerate(requests)}
+        for req in requests:
+            if req.request_id in self._streams:
+                for r in requests:
+                    self._core.abort(r.request_id)
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
+            self._streams[req.request_id] = queue
+        self._wake.set()
+        stream = not request.HasField("stream") or request.stream
+        open_ids = set(index_of)
+        collected: dict[int, generation_pb2.GenerateResponse] = {}
+        try:
+            while open_ids:
+                event: TokenEvent = await queue.get()
+                index = index_of[event.request_id]
+                if event.finish_reason == "error":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "worker lost: the request was dropped")
+                response = self._response(request_id, index, event)
+                if event.finish_reason is not None:
+                    open_ids.discard(event.request_id)
+                if stream:
+                    yield response
+                else:
+                    merged = collected.setdefault(index, generation_pb2.GenerateResponse(request_id=request_id, index=index))
+                    merged.token_ids.extend(response.token_ids)
+                    merged.finish_reason = response.finish_reason
+                    if response.HasField("usage"):
+                        merged.usage.CopyFrom(response.usage)
+            for index in sorted(collected):
+                yield collected[index]
+        finally:
+            for rid in index_of:
+                self._streams.pop(rid, None)
+                if rid in open_ids and self._core is not None:
+                    self._core.abort(rid)  # cancelled or failed: free its KV pages now
+            self._wake.set()
+
+    @staticmethod
+    def _response(request_id: str, index: int, event: TokenEvent) -> generation_pb2.GenerateResponse:
+        response = generation_pb2.GenerateResponse(
+            request_id=request_id, index=index, token_ids=list(event.token_ids)
+        )
+        if event.finish_reason is not None:
+            response.finish_reason = FINISH_REASONS[event.finish_reason]
+            prompt, completion, cached = event.usage
+            response.usage.CopyFrom(
+                generation_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached)
+            )
+        return response
+
+    async def GetModelInfo(self, request, context) -> generation_pb2.ModelInfo:
+        if self._info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected")
+        i = self._info
+        return generation_pb2.ModelInfo(
+            model_name=i.model_name,
+            architecture=i.architecture,
+            context_length=i.context_length,
+            vocab_size=i.vocab_size,
+            eos_token_ids=list(i.eos_token_ids),
+            tp_size=i.tp_size,
+            page_size=i.page_size,
+            total_kv_tokens=self._core.config.num_pages * i.page_size if self._core else 0,
+        )
+
+    # ---- the step loop ----------------------------------------------------
+
+    async def run(self) -> None:
+        """Connects to the workers, drives steps, and reconnects when a rank is lost."""
+        while True:
+            group = WorkerGroup(self._config.workers)
+            try:
+                await group.connect()
+            except grpc.aio.AioRpcError as exc:
+                log.debug("workers not ready: %s", exc.code().name)
+                await group.close()
+                await asyncio.sleep(self._config.reconnect_interval_s)
+                continue
+            self._start_core(group.infos)
+            await self._set_serving(True)
+            try:
+                await self._drive(group)
+            except WorkerLost as exc:
+                log.error("worker lost: %s; failing %d requests in flight", exc, len(self._streams))
+            finally:
+                self._ready.clear()
+                await self._set_serving(False)
+                self._dispatch(self._core.fail_all("worker lost"))
+                await group.close()
+
+    def _start_core(self, infos: list[worker_pb2.WorkerInfo]) -> None:
+        first = infos[0]
+        self._info = first
+        self._core = Scheduler(
+            SchedulerConfig(
+                num_pages=min(i.num_pages for i in infos),  # KV capacity: the minimum over ranks
+                page_size=first.page_size,
+                max_slots=min(i.max_slots for i in infos),
+                context_length=first.context_length,
+                eos_token_ids=tuple(first.eos_token_ids),
+                max_prefill_tokens=self._config.max_prefill_tokens,
+                schedule_policy=self._config.schedule_policy,
+                check_invariants=self._config.check_invariants,
+                overlap=self._config.overlap,
+            )
+        )
+        self._ready.set()
+        log.info("connected to %d worker rank(s): %s, %d KV pages x %d tokens, %d slots",
+                 len(infos), first.model_name, self._core.config.num_pages, first.page_size,
+                 self._core.config.max_slots)
+
+    async def _drive(self, group: WorkerGroup) -> None:
+        in_flight: deque = deque()
+        depth = 1 if self._config.overlap else 0  # steps left in flight while building the next
+        core = self._core
+        while True:
+            step = core.next_step()
+            if step is None:
+                if in_flight:
+                    await self._collect(group, in_flight)
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await group.send(encode_step(step))
+            in_flight.append(step.step_id)
+            while len(in_flight) > depth:
+                await self._collect(group, in_flight)
+
+    async def _collect(self, group: WorkerGroup, in_flight: deque) -> None:
+        output = decode_output(await group.receive())
+        expected = in_flight.popleft()
+        if output.step_id != expected:
+            raise WorkerLost(f"step results out of order: got {output.step_id}, expected {expected}")
+        self._dispatch(self._core.on_step_output(output.step_id, output.tokens))
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            queue = self._streams.get(event.request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self._server is not None:
+            await self._server.set_serving(serving)
+
+
+async def serve(config: SchedulerServiceConfig, ready: asyncio.Event | None = None) -> None:
+    """Runs the scheduler service until cancelled."""
+    service = SchedulerService(config)
+    server = await rpc.start_server(
+        f"{config.host}:{config.port}",
+        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(service, s)],
+        [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name],
+    )
+    service._server = server
+    log.info("scheduler listening on %s:%d, workers %s", config.host, server.port, ", ".join(config.workers))
+    loop = asyncio.create_task(service.run())
+    try:
+        if ready is not None:
+            await service._ready.wait()
+            ready.set()
+        await server.server.wait_for_termination()
+    finally:
+        loop.cancel()
+        await server.stop()

@@ -1,0 +1,137 @@
+"""The worker service: one process per TP rank, executing the scheduler's steps in order.
+
+It loads its shard of the model (in a thread, so health answers NOT_SERVING while
+weights load), reports capacity through GetInfo, and runs the Steps stream:
+commands are decoded on the event loop while the previous step computes on a
+dedicated thread, so receiving step N+1 overlaps computing step N.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from llmrpc.engine.config import EngineConfig
+from llmrpc.services import rpc
+from llmrpc.services.protocol import decode_step, encode_output
+from llmrpc.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("llmrpc.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 50060
+    unix_socket: str | None = None  # also listen on unix:PATH (the scheduler's fast path on one host)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Thin adapter from the Worker RPCs onto the engine's ModelRunner."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self._config = config
+        self._runner = None  # set once the model is loaded
+        # One thread runs every forward pass, in order.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self._active_stream: asyncio.Event | None = None
+
+    @property
+    def info(self):
+        return self._runner.info
+
+    def load(self) -> None:
+        from llmrpc.engine.runner import ModelRunner  # torch import stays off the event loop
+
+        self._runner = ModelRunner(self._config.engine)
+
+    async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
+        if self._runner is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading the model")
+        i = self._runner.info
+        return worker_pb2.WorkerInfo(
+            model_name=i.model_name,
+            architecture=i.architecture,
+            context_length=i.context_length,
+            vocab_size=i.vocab_size,
+            eos_token_ids=list(i.eos_token_ids),
+            num_pages=i.num_pages,
+            page_size=i.page_size,
+            max_slots=i.max_slots,
+            tp_rank=i.tp_rank,
+            tp_size=i.tp_size,
+            device=i.device,
+            dtype=i.dtype,
+            model_path=i.model_path,
+        )
+
+    async def Steps(self, request_iterator, context) -> AsyncIterator[worker_pb2.StepResult]:
+        if self._runner is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading the model")
+        if self._active_stream is not None:
+            # A reconnecting scheduler replaces the old stream; the old one ends.
+            self._active_stream.set()
+        ended = asyncio.Event()
+        self._active_stream = ended
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue = asyncio.Queue()
+        log.info("scheduler connected: step stream open")
+
+        async def receive() -> None:
+            try:
+                async for command in request_iterator:
+                    if command.shutdown:
+                        break
+                    step = decode_step(command)
+                    pending.put_nowait(loop.run_in_executor(self._compute, self._runner.execute, step))
+            finally:
+                pending.put_nowait(None)
+
+        receiver = asyncio.create_task(receive())
+        try:
+            while not ended.is_set():
+                future = await pending.get()
+                if future is None:
+                    break
+                try:
+                    output = await future
+                except Exception as exc:  # a failed step ends the stream loudly
+                    log.exception("step failed")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
+                yield encode_output(output)
+        finally:
+            receiver.cancel()
+            if self._active_stream is ended:
+                self._active_stream = None
+            log.info("step stream closed")
+
+
+async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
+    """Runs the worker until cancelled."""
+    servicer = WorkerServicer(config)
+    addresses = [f"{config.host}:{config.port}"]
+    if config.unix_socket:
+        addresses.append(f"unix:{config.unix_socket}")
+    server = await rpc.start_server(
+        addresses,
+        [lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s)],
+        [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
+    )
+    log.info("worker rank %d listening on %s, loading %s",
+             config.engine.tp_rank, " and ".join(addresses), config.engine.model_path)
+    try:
+        await asyncio.to_thread(servicer.load)
+        await server.set_serving(True)
+        info = servicer.info
+        log.info("worker ready: %s, %d KV pages x %d tokens, %d slots, %s %s",
+                 info.architecture, info.num_pages, info.page_size, info.max_slots, info.device, info.dtype)
+        if ready is not None:
+            ready.set()
+        await server.server.wait_for_termination()
+    finally:
+        await server.stop()

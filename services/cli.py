@@ -75,7 +75,11 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=int, default=_env("max_total_tokens", 0),
                    help="cap the KV pool at this many tokens (0: size from memory)")
     p.add_argument("--max-running-requests", type=int, default=_env("max_running_requests", 256))
-    p.add_argument("--attention-backend", default=_env("attention_backend", "auto"))
+    from llmrpc.kernels import attention_backend_names
+
+    p.add_argument("--attention-backend", default=_env("attention_backend", "auto"), choices=attention_backend_names())
+    p.add_argument("--cuda-graph-max-bs", type=int, default=_env("cuda_graph_max_bs", 256),
+                   help="decode steps up to this many rows replay CUDA graphs (0: never)")
     p.add_argument("--load-format", default=_env("load_format", "auto"),
                    choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--tp", type=int, default=_env("tp", 1), help="tensor-parallel ranks")
@@ -107,6 +111,7 @@ def _engine_config(args: argparse.Namespace, model_path: str, rank: int):
         max_total_tokens=args.max_total_tokens or None,
         max_slots=args.max_running_requests,
         attention_backend=args.attention_backend,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
         load_format=args.load_format,
         seed=args.seed,
         tp_rank=rank,

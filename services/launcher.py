@@ -83,7 +83,8 @@ class Launcher:
         engine_flags = [
             "--device", a.device, "--dtype", a.dtype, "--page-size", a.page_size,
             "--max-total-tokens", a.max_total_tokens, "--max-running-requests", a.max_running_requests,
-            "--attention-backend", a.attention_backend, "--load-format", a.load_format,
+            "--attention-backend", a.attention_backend, "--cuda-graph-max-bs", a.cuda_graph_max_bs,
+            "--load-format", a.load_format,
             "--tp", a.tp, "--seed", a.seed,
         ]
         children = []

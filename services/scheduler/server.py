@@ -22,7 +22,7 @@ from llmrpc.services import rpc
 from llmrpc.services.protocol import decode_output, encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.request import AdmissionError, TokenEvent
-from llmrpc.services.scheduler.requests_in import RequestError, build_requests
+from llmrpc.services.scheduler.validation import RequestError, build_requests
 from llmrpc.services.scheduler.scheduler import Scheduler
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 

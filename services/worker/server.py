@@ -3,7 +3,10 @@
 It loads its shard of the model (in a thread, so health answers NOT_SERVING while
 weights load), reports capacity through GetInfo, and runs the Steps stream:
 commands are decoded on the event loop while the previous step computes on a
-dedicated thread, so receiving step N+1 overlaps computing step N.
+dedicated thread, so receiving step N+1 overlaps computing step N. The compute
+thread only launches GPU work (`ModelRunner.launch`); a second thread waits for
+each step's tokens to reach the host, so step N+1 is launched while step N still
+runs on the GPU.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._runner = None  # set once the model is loaded
         # One thread runs every forward pass, in order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        # Waiting for a step's tokens must not hold up the launch of the next one.
+        self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result")
         self._active_stream: asyncio.Event | None = None
 
     @property
@@ -88,7 +93,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     if command.shutdown:
                         break
                     step = decode_step(command)
-                    pending.put_nowait(loop.run_in_executor(self._compute, self._runner.execute, step))
+                    pending.put_nowait(loop.run_in_executor(self._compute, self._runner.launch, step))
             finally:
                 pending.put_nowait(None)
 
@@ -99,7 +104,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if future is None:
                     break
                 try:
-                    output = await future
+                    launched = await future
+                    output = (launched.result() if launched.done()
+                              else await loop.run_in_executor(self._results, launched.result))
                 except Exception as exc:  # a failed step ends the stream loudly
                     log.exception("step failed")
                     await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")

@@ -1,0 +1,136 @@
+"""Scheduler CPU time per decode step, without a worker: the core driven against the FakeWorker.
+
+For each batch size B it admits B requests (128-token prompts, ignore_eos), runs
+their prefill, then times the decode steps the servicer would drive with one step
+in flight: `next_step` (build step N+1), `encode_step` (pack it for the wire) and
+`on_step_output` (map step N's tokens to requests). The FakeWorker's own time is
+not counted. Target: next_step + on_step_output under 1 ms at B = 256.
+
+  python -m llmrpc.bench.scheduler_overhead [--quick] [--out bench/results/scheduler_overhead.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from llmrpc.bench.fake_worker import FakeWorker, HashModel
+from llmrpc.services.protocol import encode_step
+from llmrpc.services.scheduler.config import SchedulerConfig
+from llmrpc.services.scheduler.request import Request
+from llmrpc.services.scheduler.scheduler import Scheduler
+
+PROMPT_LEN = 128
+PAGE_SIZE = 16
+VOCAB = 32000
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduler_overhead.json"
+
+
+def measure(batch: int, steps: int, seed: int = 0) -> dict:
+    """Per-step CPU time (µs) of the scheduler's parts over `steps` decode steps of `batch` rows."""
+    max_tokens = steps + 8
+    num_pages = batch * -(-(PROMPT_LEN + max_tokens) // PAGE_SIZE)
+    sched = Scheduler(SchedulerConfig(num_pages=num_pages, page_size=PAGE_SIZE, max_slots=batch,
+                                      context_length=PROMPT_LEN + max_tokens, eos_token_ids=(2,)))
+    worker = FakeWorker(num_pages, PAGE_SIZE, batch, HashModel(VOCAB, seed), verify=False)
+    rng = np.random.default_rng(seed)
+    for i in range(batch):
+        sched.add_request(Request(f"r{i}", rng.integers(0, VOCAB, PROMPT_LEN).tolist(),
+                                  max_tokens=max_tokens, ignore_eos=True))
+    in_flight: deque = deque()
+    build, encode, output = [], [], []
+    clock = time.thread_time_ns  # CPU time of this thread: others' load on the machine does not count
+    while len(build) < steps:
+        t0 = clock()
+        step = sched.next_step()
+        t1 = clock()
+        assert step is not None
+        wire = encode_step(step)
+        t2 = clock()
+        decoding = step.num_decode == batch
+        if decoding:
+            build.append(t1 - t0)
+            encode.append(t2 - t1)
+        in_flight.append((step.step_id, worker.execute(step), decoding))
+        if len(in_flight) > 1:  # overlap: step N's output is read after step N+1 is built
+            step_id, tokens, timed = in_flight.popleft()
+            t3 = clock()
+            sched.on_step_output(step_id, tokens)
+            t4 = clock()
+            if timed:
+                output.append(t4 - t3)
+        del wire
+    us = lambda xs: statistics.median(xs) / 1e3  # noqa: E731
+    return {
+        "batch": batch,
+        "steps": len(build),
+        "next_step_us": us(build),
+        "on_step_output_us": us(output),
+        "encode_step_us": us(encode),
+        "scheduler_us": us(build) + us(output),
+        "p99_scheduler_us": float(np.percentile(np.add(build[: len(output)], output), 99)) / 1e3,
+    }
+
+
+def _hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer batch sizes and steps (a smoke run)")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps timed per batch size")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    batches = [1, 256] if args.quick else [1, 32, 64, 128, 256]
+    steps = args.steps or (20 if args.quick else 200)
+    rows = [measure(b, steps) for b in batches]
+    print(f"{'batch':>6} {'next_step':>10} {'on_output':>10} {'scheduler':>10} {'p99':>8} {'encode':>8}   (µs per decode step)")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['next_step_us']:>10.1f} {r['on_step_output_us']:>10.1f} "
+              f"{r['scheduler_us']:>10.1f} {r['p99_scheduler_us']:>8.1f} {r['encode_step_us']:>8.1f}")
+    result = {
+        "benchmark": "scheduler_overhead",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "commit": _commit(),
+        "hardware": _hardware(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"prompt_len": PROMPT_LEN, "page_size": PAGE_SIZE, "steps": steps, "overlap": True,
+                   "clock": "thread CPU time, median over steps"},
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""ModelRunner: what one worker rank runs — load the model, hold the KV pool, execute Steps.
+
+`execute(step)` is three phases, also callable one by one:
+`prepare` (admissions reset their slots, new pages join the page tables, the step
+becomes a ForwardBatch and the attention backend is planned), `forward` (the
+model over the flat batch, logits at each sampling row's last token) and `sample`
+(tokens drawn per row, stored on the device as each slot's next decode input,
+copied to the host for the reply).
+
+`launch(step)` does all three without waiting for the GPU: the tokens come back
+through a non-blocking device → host copy and an event, so the caller can
+launch step N+1 before step N's tokens are read (`PendingOutput.result()`), and
+the GPU never idles while Python prepares the next step. On CUDA, pure decode
+steps replay CUDA graphs (engine/cuda_graph.py) when the backend supports them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from llmrpc.engine.config import EngineConfig, ModelConfig
+from llmrpc.engine.forward_batch import ForwardBatch
+from llmrpc.engine.kv_cache import KVPool, plan_num_pages
+from llmrpc.engine.loader import load_model_weights
+from llmrpc.engine.models import model_class
+from llmrpc.engine.parallel import TensorParallel
+from llmrpc.engine.sampling import Sampler
+from llmrpc.engine.step import Step, StepOutput
+from llmrpc.kernels import create_attention_backend, resolve_attention_backend
+
+log = logging.getLogger("llmrpc.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a worker reports about itself (GetInfo)."""
+
+    model_name: str
+    architecture: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    num_pages: int
+    page_size: int
+    max_slots: int
+    device: str
+    dtype: str
+    model_path: str
+    tp_rank: int
+    tp_size: int
+    attention_backend: str = "torch"
+
+
+class PendingOutput:
+    """A launched step whose tokens are on their way to pinned host memory."""
+
+    def __init__(self, step_id: int, host: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
+        self.step_id = step_id
+        self._host = host
+        self._ready = ready
+
+    def done(self) -> bool:
+        return self._ready is None or self._ready.query()
+
+    def result(self) -> StepOutput:
+        """Waits for the copy (the GIL is released meanwhile) and returns the step's output."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        h = {name: t.numpy().copy() for name, t in self._host.items()}
+        out = StepOutput(self.step_id, h.get("tokens", np.zeros(0, dtype=np.int32)))
+        out.logprobs, out.top_ids, out.top_logprobs = h.get("logprobs"), h.get("top_ids"), h.get("top_logprobs")
+        return out
+
+
+@contextlib.contextmanager
+def _default_tensor_placement(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Parameters are created directly on `device` in `dtype` (no CPU copy of a big model first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.torch_dtype_name]
+        self.model_config = ModelConfig.load(config.model_path)
+        mc = self.model_config
+        self.max_context = config.max_context or mc.max_position_embeddings
+        self.tp = TensorParallel(config.tp_rank, config.tp_size)
+        with _default_tensor_placement(self.device, self.dtype):
+            self.model = model_class(mc)(mc, self.tp, self.max_context)
+        self.model.eval()
+        fmt = load_model_weights(self.model, config.model_path, config.load_format, config.seed,
+                                 show_progress=config.tp_rank == 0)
+        attn0 = self.model.model.layers[0].self_attn
+        bytes_per_token = KVPool.bytes_per_token(mc.num_hidden_layers, attn0.num_kv_heads, mc.head_dim, self.dtype)
+        backend = resolve_attention_backend(config.attention_backend, config.device)
+        use_graphs = config.is_cuda and config.cuda_graph_max_bs > 0 and backend == "flashinfer"
+        num_pages = plan_num_pages(config, bytes_per_token)
+        # With CUDA graphs one extra page, never reported to the scheduler, takes padded rows' K/V.
+        self.kv_pool = KVPool(mc.num_hidden_layers, num_pages + int(use_graphs), config.page_size,
+                              attn0.num_kv_heads, mc.head_dim, config.max_slots, self.max_context,
+                              self.dtype, self.device)
+        self.attention = create_attention_backend(backend, config.device, kv_pool=self.kv_pool,
+                                                  scale=mc.head_dim ** -0.5, num_qo_heads=attn0.num_heads)
+        self.sampler = Sampler(config.max_slots, mc.vocab_size, self.device, config.seed)
+        # Each slot's last sampled token: the input of its next decode row, never leaving the device.
+        self.last_tokens = torch.zeros(config.max_slots, dtype=torch.long, device=self.device)
+        self.graphs = None
+        if use_graphs:
+            from llmrpc.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.attention, self.kv_pool, scratch_page=num_pages,
+                                       max_bs=min(config.cuda_graph_max_bs, config.max_slots))
+        self.info = EngineInfo(
+            model_name=mc.name, architecture=mc.architecture, context_length=self.max_context,
+            vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, num_pages=num_pages,
+            page_size=config.page_size, max_slots=config.max_slots, device=str(self.device),
+            dtype=config.torch_dtype_name, model_path=config.model_path, tp_rank=config.tp_rank,
+            tp_size=config.tp_size, attention_backend=backend,
+        )
+        log.info("loaded %s (%s, %s weights) on %s: %d KV pages of %d tokens", mc.name, mc.architecture, fmt,
+                 self.device, self.kv_pool.num_pages, config.page_size)
+
+    @torch.inference_mode()
+    def execute(self, step: Step) -> StepOutput:
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: Step) -> PendingOutput:
+        """Queues the step's whole GPU work and returns without waiting for it."""
+        batch = self.prepare(step)
+        if batch is None:
+            return PendingOutput(step.step_id, {}, None)
+        return self.sample_async(batch, self.forward(batch))
+
+    @torch.inference_mode()
+    def prepare(self, step: Step) -> ForwardBatch | None:
+        """Applies the step's admissions and pages; None when the step has no rows to run."""
+        for params in step.admissions:
+            self.kv_pool.reset_slot(params.slot)
+            self.sampler.admit(params)
+        self.kv_pool.append_pages(step.slots.astype(np.int64), step.page_counts, step.page_ids)
+        if step.num_rows == 0:
+            return None
+        batch = ForwardBatch.build(step, self.kv_pool, self.last_tokens, self.max_context)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            batch.graph_size = self.graphs.plan(batch)
+        else:
+            self.attention.plan(batch.attention)
+        return batch
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [S, vocab] at the last token of each row that samples."""
+        if batch.graph_size:
+            return self.graphs.replay(batch.graph_size, batch.attention.num_rows)
+        hidden = self.model(batch.input_ids, batch.positions, self.attention)
+        return self.model.compute_logits(hidden[batch.sample_indices])
+
+    def sample(self, batch: ForwardBatch, logits: torch.Tensor) -> StepOutput:
+        return self.sample_async(batch, logits).result()
+
+    @torch.inference_mode()
+    def sample_async(self, batch: ForwardBatch, logits: torch.Tensor) -> PendingOutput:
+        """Samples and starts copying the tokens to the host; they stay on the device for the next step."""
+        slots = batch.sample_slots
+        if len(slots) == 0:
+            return PendingOutput(batch.step_id, {}, None)
+        result = self.sampler.sample(logits, slots)
+        # Ranks must agree on the tokens: rank 0's draw is everyone's.
+        tokens = self.tp.broadcast(result.tokens)
+        self.last_tokens[torch.from_numpy(slots).to(self.device, non_blocking=True)] = tokens
+        device = {"tokens": tokens.to(torch.int32)}
+        if result.logprobs is not None:
+            device["logprobs"] = result.logprobs
+            if result.top_ids is not None:
+                device["top_ids"] = result.top_ids.to(torch.int32)
+                device["top_logprobs"] = result.top_logprobs
+        if not self.config.is_cuda:
+            return PendingOutput(batch.step_id, {k: v.cpu() for k, v in device.items()}, None)
+        host = {}
+        for name, t in device.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingOutput(batch.step_id, host, ready)

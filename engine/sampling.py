@@ -1,0 +1,174 @@
+"""Next-token sampling for a batch where every row has its own parameters.
+
+Per slot, set at admission: temperature (0 = greedy: exactly argmax), top-k,
+top-p, min-p, a seed, penalties, and how many logprobs to return. The pipeline
+for a row, on float32 logits:
+
+1. penalties over the slot's history: repetition (prompt and output tokens:
+   positive logits divided by it, negative ones multiplied), then frequency
+   (times the token's output count) and presence (once per output token seen);
+2. greedy rows: argmax, done;
+3. divide by temperature, softmax, sort descending; keep tokens with
+   p >= min_p * p_max, then the top_k first, then (renormalized over what is left)
+   the shortest prefix whose mass reaches top_p;
+4. draw: one uniform number per row, through the inverse CDF of what is left
+   (in vocabulary order, with no sort, when a row filters nothing).
+
+The uniform numbers come from a host-side generator per seeded slot (the
+engine's own generator for unseeded ones), so a seeded request draws the same
+tokens whatever else shares its batches. Logprobs are of the model's raw
+distribution (before penalties and temperature), as vLLM reports them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmrpc.engine.step import SlotParams
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # int64 [S], on the device
+    logprobs: torch.Tensor | None = None  # float32 [S] of each sampled token
+    top_ids: torch.Tensor | None = None  # int64 [S, N]
+    top_logprobs: torch.Tensor | None = None  # float32 [S, N]
+
+
+def filter_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities sorted descending with filtered tokens at 0, renormalized; their token ids).
+
+    `top_k` <= 0 means off; `top_p` >= 1 means off.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_ids = (logits / temperature[:, None]).sort(dim=-1, descending=True, stable=True)
+    probs = sorted_logits.softmax(dim=-1)
+    ranks = torch.arange(vocab, device=logits.device)
+    keep = probs >= min_p[:, None] * probs[:, :1]
+    keep &= (ranks[None, :] < top_k[:, None]) | (top_k[:, None] <= 0)
+    kept = probs * keep
+    kept = kept / kept.sum(dim=-1, keepdim=True)
+    mass_before = kept.cumsum(dim=-1) - kept
+    # top_p = 1 is skipped, not applied: rounding could otherwise drop the tail.
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    probs = probs * keep
+    return probs / probs.sum(dim=-1, keepdim=True), sorted_ids
+
+
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   min_p: torch.Tensor) -> torch.Tensor:
+    """The distribution each row samples from, in vocabulary order."""
+    probs, ids = filter_sorted(logits, temperature, top_k, top_p, min_p)
+    return torch.zeros_like(probs).scatter_(-1, ids, probs)
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """Penalized copy of `logits` [R, V] given each row's prompt tokens (mask) and output token counts."""
+    counts = output_counts.to(logits.dtype)
+    seen = prompt_mask | (output_counts > 0)
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (output_counts > 0).to(logits.dtype)
+
+
+class Sampler:
+    """Holds every slot's sampling parameters and history; samples one batch at a time."""
+
+    def __init__(self, max_slots: int, vocab_size: int, device: torch.device | str, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.temperature = np.ones(max_slots, dtype=np.float32)
+        self.top_p = np.ones(max_slots, dtype=np.float32)
+        self.top_k = np.full(max_slots, -1, dtype=np.int64)
+        self.min_p = np.zeros(max_slots, dtype=np.float32)
+        self.repetition = np.ones(max_slots, dtype=np.float32)
+        self.presence = np.zeros(max_slots, dtype=np.float32)
+        self.frequency = np.zeros(max_slots, dtype=np.float32)
+        self.penalized = np.zeros(max_slots, dtype=bool)
+        self.logprobs = np.full(max_slots, -1, dtype=np.int64)
+        self._rng = np.random.default_rng(seed)
+        self._slot_rngs: dict[int, np.random.Generator] = {}
+        # [max_slots, vocab] history, allocated when the first request with a penalty arrives.
+        self._prompt_mask: torch.Tensor | None = None
+        self._output_counts: torch.Tensor | None = None
+
+    def admit(self, p: SlotParams) -> None:
+        """A new request takes slot `p.slot`: its parameters, seed and history start over."""
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or not 0 <= p.min_p <= 1 or p.repetition_penalty <= 0:
+            raise ValueError(f"slot {p.slot}: invalid sampling parameters {p}")
+        s = p.slot
+        self.temperature[s], self.top_p[s], self.min_p[s] = p.temperature, p.top_p, p.min_p
+        self.top_k[s] = p.top_k if p.top_k > 0 else -1
+        self.repetition[s], self.presence[s], self.frequency[s] = (
+            p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        self.logprobs[s] = p.logprobs
+        if p.seed is None:
+            self._slot_rngs.pop(s, None)
+        else:
+            self._slot_rngs[s] = np.random.default_rng(p.seed)
+        self.penalized[s] = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        if self.penalized[s]:
+            if self._output_counts is None:
+                shape = (len(self.temperature), self.vocab_size)
+                self._prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+                self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self._output_counts[s].zero_()
+            self._prompt_mask[s].zero_()
+            if p.prompt_tokens:
+                self._prompt_mask[s, torch.tensor(p.prompt_tokens, dtype=torch.long, device=self.device)] = True
+
+    def _rows(self, values: np.ndarray, slots: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(values[slots]).to(self.device, dtype, non_blocking=True)
+
+    def sample(self, logits: torch.Tensor, slots: np.ndarray) -> SampleResult:
+        """Row i of `logits` [S, V] belongs to `slots[i]`; returns the sampled tokens on the device."""
+        logits = logits.float()
+        raw = logits
+        rows = np.flatnonzero(self.penalized[slots])
+        if len(rows):
+            r, s = torch.from_numpy(rows).to(self.device, non_blocking=True), torch.from_numpy(slots[rows]).to(self.device, non_blocking=True)
+            logits = logits.clone()
+            logits[r] = apply_penalties(logits[r], self._prompt_mask[s], self._output_counts[s],
+                                        self._rows(self.repetition, slots[rows], torch.float32),
+                                        self._rows(self.frequency, slots[rows], torch.float32),
+                                        self._rows(self.presence, slots[rows], torch.float32))
+        greedy = self.temperature[slots] <= 0.0
+        tokens = logits.argmax(dim=-1) if greedy.any() else None
+        if not greedy.all():
+            draw = np.flatnonzero(~greedy)
+            ds = slots[draw]
+            rows_logits = logits if len(draw) == len(slots) else logits[torch.from_numpy(draw).to(self.device, non_blocking=True)]
+            temperature = self._rows(self.temperature, ds, torch.float32)
+            if np.all(self.top_k[ds] <= 0) and np.all(self.top_p[ds] >= 1.0) and np.all(self.min_p[ds] <= 0.0):
+                # Nothing to filter: the inverse CDF in vocabulary order needs no sort, which would
+                # otherwise dominate the sampling of a large batch over a 150k vocabulary.
+                probs, ids = (rows_logits / temperature[:, None]).softmax(dim=-1), None
+            else:
+                probs, ids = filter_sorted(rows_logits, temperature,
+                                           self._rows(self.top_k, ds, torch.int64),
+                                           self._rows(self.top_p, ds, torch.float32),
+                                           self._rows(self.min_p, ds, torch.float32))
+            uniform = np.array([self._slot_rngs.get(int(s), self._rng).random() for s in ds])
+            cdf = probs.cumsum(dim=-1)
+            target = torch.from_numpy(uniform).to(self.device, torch.float32, non_blocking=True)[:, None] * cdf[:, -1:]
+            pick = torch.searchsorted(cdf, target, right=True).clamp_(max=self.vocab_size - 1)
+            drawn = (pick if ids is None else ids.gather(1, pick)).squeeze(1)
+            if tokens is None:
+                tokens = drawn
+            else:
+                tokens[torch.from_numpy(draw).to(self.device, non_blocking=True)] = drawn
+        if len(rows):
+            self._output_counts.index_put_((s, tokens[r]), torch.ones(len(rows), dtype=torch.int32, device=self.device),
+                                           accumulate=True)
+        result = SampleResult(tokens)
+        top_n = int(self.logprobs[slots].max(initial=-1))
+        if top_n >= 0:
+            logp = raw.log_softmax(dim=-1)
+            result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1)
+            if top_n > 0:
+                result.top_logprobs, result.top_ids = logp.topk(top_n, dim=-1)
+        return result

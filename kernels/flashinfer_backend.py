@@ -1,0 +1,131 @@
+"""Paged attention on NVIDIA GPUs through FlashInfer: one plan per step, one kernel per layer.
+
+A step with prefill chunks (alone or mixed with decode rows) runs FlashInfer's
+batch prefill kernel over the pages, causal within each row's new tokens and
+open over its cached prefix (FlashInfer aligns the causal mask to the end of the
+KV, which is exactly "query i sits at position prefix + i"). A pure decode step
+runs the batch decode kernel with tensor cores, which pays off for GQA. New K/V
+go into the pages with one scatter per tensor at the step's `out_loc`.
+
+For CUDA graphs the backend keeps one decode wrapper per captured batch size,
+each with fixed index buffers that `plan_graph()` refills before a replay; the
+captured kernels read those buffers, so the graph never changes.
+
+`flashinfer` is imported here only: the CPU build never needs it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
+
+if TYPE_CHECKING:
+    from llmrpc.engine.kv_cache import KVPool
+
+# FlashInfer's split-KV partial results; shared by every wrapper (steps run one at a time, in stream order).
+WORKSPACE_BYTES = 256 << 20
+
+
+class _GraphDecode:
+    """A decode wrapper bound to fixed buffers for one captured batch size."""
+
+    def __init__(self, flashinfer, workspace: torch.Tensor, bs: int, max_pages: int, device: torch.device) -> None:
+        self.indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
+        self.last_page_len = torch.ones(bs, dtype=torch.int32, device=device)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len,
+        )
+        # plan() stages its schedule in a pinned host buffer and copies it asynchronously; the
+        # next plan of this wrapper must not overwrite that buffer before the GPU has read it.
+        self.planned = torch.cuda.Event()
+        self.planned_once = False
+
+
+class FlashInferAttentionBackend(AttentionBackend):
+    def __init__(self, kv_pool: KVPool, scale: float, num_qo_heads: int) -> None:
+        import flashinfer
+
+        self._fi = flashinfer
+        self.kv_pool = kv_pool
+        self.scale = scale
+        self.num_qo_heads = num_qo_heads
+        _pages, self.page_size, self.num_kv_heads, self.head_dim = kv_pool.k[0].shape
+        self.dtype = kv_pool.k[0].dtype
+        self.device = kv_pool.device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # fa2, the same kernel family as tensor-core decode: one JIT build serves both (fa3 is a second, slow one).
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self._graphs: dict[int, _GraphDecode] = {}
+        self._active = self.prefill
+        self._out_loc: torch.Tensor | None = None
+        self._eager_planned = {id(self.prefill): torch.cuda.Event(), id(self.decode): torch.cuda.Event()}
+
+    # ---- planning -----------------------------------------------------------------
+
+    def _plan_args(self, m: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Host (CPU) indptr arrays: FlashInfer builds its schedule on the host from them, no sync.
+        return (torch.from_numpy(np.ascontiguousarray(m.kv_indptr, dtype=np.int32)),
+                m.kv_indices,
+                torch.from_numpy(np.ascontiguousarray(m.kv_last_page_len, dtype=np.int32)))
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        m = metadata
+        kv_indptr, kv_indices, last_page_len = self._plan_args(m)
+        if m.num_decode == m.num_rows:
+            wrapper = self.decode
+            self._eager_planned[id(wrapper)].synchronize()
+            wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
+                         self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                         sm_scale=self.scale)
+        else:
+            wrapper = self.prefill
+            self._eager_planned[id(wrapper)].synchronize()
+            qo_indptr = torch.from_numpy(np.ascontiguousarray(m.qo_indptr, dtype=np.int32))
+            wrapper.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
+                         self.head_dim, self.page_size, causal=True, q_data_type=self.dtype,
+                         kv_data_type=self.dtype, sm_scale=self.scale)
+        self._eager_planned[id(wrapper)].record()
+        self._active = wrapper
+        self._out_loc = m.out_loc
+
+    # ---- CUDA graphs of decode steps ------------------------------------------------
+
+    def init_graphs(self, batch_sizes: list[int], max_pages: int) -> None:
+        """One graph-mode decode wrapper per batch size; `max_pages`: most pages one batch may list."""
+        for bs in batch_sizes:
+            self._graphs[bs] = _GraphDecode(self._fi, self.workspace, bs, max_pages, self.device)
+
+    def plan_graph(self, metadata: AttentionMetadata, out_loc: torch.Tensor) -> None:
+        """Plans the wrapper of a captured size (`metadata` is already padded to it); K/V go to `out_loc`,
+        the graph's own fixed buffer."""
+        m = metadata
+        g = self._graphs[m.num_rows]
+        if g.planned_once:
+            g.planned.synchronize()
+        kv_indptr, kv_indices, last_page_len = self._plan_args(m)
+        g.wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
+                       self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                       sm_scale=self.scale)
+        g.planned.record()
+        g.planned_once = True
+        self._active = g.wrapper
+        self._out_loc = out_loc
+
+    # ---- per layer ------------------------------------------------------------------
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> None:
+        k_flat = self.kv_pool.k[layer_id].view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = self.kv_pool.v[layer_id].view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, self._out_loc, k.to(self.dtype))
+        v_flat.index_copy_(0, self._out_loc, v.to(self.dtype))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        self.store_kv(k, v, layer_id)
+        return self._active.run(q.contiguous(), (self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]))

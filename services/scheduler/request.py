@@ -1,0 +1,136 @@
+"""Request: one sequence the scheduler serves, its sampling facts and its runtime state.
+
+Also the two small types the core hands back across its boundary: TokenEvent
+(what a request produced in one step) and AdmissionError (a request that can
+never be served).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+from llmrpc.engine.step import SlotParams
+
+if TYPE_CHECKING:
+    from llmrpc.services.scheduler.radix import RadixNode
+
+
+class AdmissionError(ValueError):
+    """A request that can never be served: `field` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The per-request sampling facts the worker needs: SlotParams minus the slot."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int = -1  # -1: none; 0: the sampled token's; N: plus top-N
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued (new, or retracted and to be recomputed)
+    RUNNING = "running"  # holds a slot and KV pages; prefilling or decoding
+    FINISHED = "finished"
+
+
+class TokenEvent(NamedTuple):
+    """What one request produced in one step (usually one token) and, on its last event, why it ended.
+
+    A NamedTuple: one is built per running request per step, and tuples build fastest.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None  # None | "stop" | "length" | "abort" | "error"
+    usage: tuple[int, int, int]  # (prompt, completion, cached prompt) tokens
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    request_id: str
+    prompt: tuple[int, ...]
+    sampling: Sampling = Sampling()
+    max_tokens: int = 128
+    min_tokens: int = 0  # EOS and stop tokens do not end the request before this many outputs
+    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()
+
+    # ---- runtime state, owned by the Scheduler ----
+    state: RequestState = field(default=RequestState.WAITING, init=False)
+    tokens: list[int] = field(init=False)  # prompt + outputs known so far
+    slot: int = field(default=-1, init=False)
+    pages: list[int] = field(default_factory=list, init=False)  # the slot's page table, in position order
+    num_cached_pages: int = field(default=0, init=False)  # leading pages held by the radix index
+    radix_node: RadixNode | None = field(default=None, init=False)  # the radix node locking those pages
+    fill_len: int = field(default=0, init=False)  # tokens to prefill in this admission (prompt + outputs so far)
+    num_fed: int = field(default=0, init=False)  # positions whose KV is written or scheduled to be
+    num_scheduled: int = field(default=0, init=False)  # outputs produced or scheduled to be produced
+    num_pending: int = field(default=0, init=False)  # outputs scheduled in steps whose result is not back
+    cached_prompt_tokens: int = field(default=-1, init=False)  # prefix-cache hit at the first admission
+    admitted_seq: int = field(default=-1, init=False)  # admission order: retraction takes the newest
+    finish_reason: str | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt = tuple(self.prompt)
+        self.stop_token_ids = frozenset(self.stop_token_ids)
+        self.tokens = list(self.prompt)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def usage(self) -> tuple[int, int, int]:
+        return (len(self.prompt), len(self.tokens) - len(self.prompt), max(self.cached_prompt_tokens, 0))
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Positions whose KV this request can ever need: the last sampled token is never fed."""
+        return len(self.prompt) + self.max_tokens - 1
+
+    def slot_params(self, slot: int) -> SlotParams:
+        s = self.sampling
+        return SlotParams(
+            slot=slot,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            seed=s.seed,
+            logprobs=s.logprobs,
+            # The original prompt, so the worker can tell prompt from output even after a
+            # retraction re-prefills prompt + outputs so far.
+            prompt_tokens=self.prompt if s.uses_penalties else (),
+        )

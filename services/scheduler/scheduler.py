@@ -1,0 +1,492 @@
+"""Scheduler: the core that decides every step: waiting queue, chunked prefill, running batch, retraction.
+
+Each call to `next_step` builds one Step, in this order:
+
+1. decode rows for every running request whose prompt is fully scheduled (one
+   token each, fed on the worker from the slot's last sampled token);
+2. the next chunk of each request still prefilling, within `max_prefill_tokens`;
+3. new admissions from the waiting queue (fcfs or longest-prefix-match first),
+   reusing the longest cached prefix from the radix index, while the token
+   budget, the slots and the KV pages last.
+
+KV pages are taken optimistically: a request is admitted when its prompt fits in
+free + evictable pages (with one page of headroom per decoding request), not its
+whole max_tokens. When a running request needs a page and none is left, the
+scheduler retracts the NEWEST admitted request that has no row in this step yet
+(possibly the one asking): the oldest requests keep going, so the queue drains
+in arrival order and the oldest request always progresses (it fits the pool
+alone, which add_request guarantees), so nothing deadlocks or starves. The
+retracted request's computed full pages go into the radix index, so its redo is
+mostly a cache hit, and it goes back to the front of the queue to be re-prefilled
+from prompt + outputs so far.
+
+With overlap, the servicer asks for step N+1 before step N's output is known, so
+nothing here needs the tokens of steps in flight: a request whose last prompt
+chunk is in flight already decodes (the worker feeds the sampled token), decode
+rows never exceed max_tokens (scheduled outputs are counted), a request's finish
+is seen one step late and the token sampled after it is dropped, and a retracted
+request is re-admitted only once its in-flight outputs are back. Pages and slots
+freed now may be reused by the very next step: the worker runs steps in order.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+
+from llmrpc.engine.step import SlotParams, Step
+from llmrpc.services.scheduler.config import SchedulerConfig
+from llmrpc.services.scheduler.invariants import check_kv_invariants
+from llmrpc.services.scheduler.metrics import SchedulerMetrics
+from llmrpc.services.scheduler.pages import PagePool
+from llmrpc.services.scheduler.radix import RadixIndex
+from llmrpc.services.scheduler.request import AdmissionError, Request, RequestState, TokenEvent
+
+# Longest-prefix-match needs one radix lookup per waiting request per step; past
+# this queue length it costs more than it saves and admission falls back to fcfs.
+LPM_MAX_QUEUE = 128
+
+
+class _StepBuilder:
+    """Accumulates one Step's rows: decode rows first, then prefill chunks."""
+
+    __slots__ = ("slots", "starts", "page_counts", "page_ids", "chunk_lens", "chunk_tokens",
+                 "sample_chunks", "admissions", "sampled", "chunked", "num_decode")
+
+    def __init__(self) -> None:
+        self.slots: list[int] = []
+        self.starts: list[int] = []
+        self.page_counts: list[int] = []
+        self.page_ids: list[int] = []
+        self.chunk_lens: list[int] = []
+        self.chunk_tokens: list[int] = []
+        self.sample_chunks: list[bool] = []
+        self.admissions: list[SlotParams] = []
+        self.sampled: list[Request] = []  # the request behind each sampled token, in row order
+        self.chunked: list[Request] = []  # requests that got a prefill chunk
+        self.num_decode = 0
+
+    def add_decode(self, req: Request, new_page: int) -> None:
+        self.slots.append(req.slot)
+        self.starts.append(req.num_fed)
+        if new_page >= 0:
+            self.page_counts.append(1)
+            self.page_ids.append(new_page)
+        else:
+            self.page_counts.append(0)
+        self.sampled.append(req)
+        self.num_decode += 1
+
+    def add_chunk(self, req: Request, start: int, tokens: list[int], sample: bool, pages: list[int]) -> None:
+        self.slots.append(req.slot)
+        self.starts.append(start)
+        self.page_counts.append(len(pages))
+        self.page_ids.extend(pages)
+        self.chunk_lens.append(len(tokens))
+        self.chunk_tokens.extend(tokens)
+        self.sample_chunks.append(sample)
+        self.chunked.append(req)
+        if sample:
+            self.sampled.append(req)
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots
+
+    def build(self, step_id: int) -> Step:
+        i32 = np.int32
+        return Step(
+            step_id=step_id,
+            num_decode=self.num_decode,
+            slots=np.array(self.slots, dtype=i32),
+            starts=np.array(self.starts, dtype=i32),
+            chunk_lens=np.array(self.chunk_lens, dtype=i32),
+            chunk_tokens=np.array(self.chunk_tokens, dtype=i32),
+            sample_chunks=np.array(self.sample_chunks, dtype=bool),
+            page_counts=np.array(self.page_counts, dtype=i32),
+            page_ids=np.array(self.page_ids, dtype=i32),
+            admissions=self.admissions,
+        )
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.metrics = SchedulerMetrics()
+        self._eos = frozenset(config.eos_token_ids)
+        self._next_step_id = 0
+        self._next_seq = 0
+        self.last_failure: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        c = self.config
+        self.pool = PagePool(c.num_pages)
+        self.radix = RadixIndex(c.page_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}  # every request not yet finished
+        self._free_slots = list(range(c.max_slots - 1, -1, -1))
+        self._in_flight: dict[int, list[Request]] = {}  # step id -> request behind each sampled token
+
+    # ---- the servicer's interface ---------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        c = self.config
+        if req.request_id in self.requests:
+            raise AdmissionError("request_id", f"{req.request_id!r} is already in use")
+        if req.state is not RequestState.WAITING or req.num_outputs:
+            raise AdmissionError("request", "a request can be added only once")
+        if not req.prompt:
+            raise AdmissionError("prompt", "must not be empty")
+        if req.max_tokens < 1:
+            raise AdmissionError("max_tokens", f"must be >= 1, got {req.max_tokens}")
+        if req.num_prompt + req.max_tokens > c.context_length:
+            raise AdmissionError(
+                "max_tokens", f"prompt ({req.num_prompt} tokens) + max_tokens ({req.max_tokens}) "
+                f"exceeds the context length ({c.context_length})")
+        pages = -(-req.max_kv_tokens // c.page_size)
+        if pages > c.num_pages:
+            raise AdmissionError(
+                "max_tokens", f"prompt ({req.num_prompt} tokens) + max_tokens ({req.max_tokens}) needs "
+                f"{pages} KV pages, the pool has {c.num_pages} of {c.page_size} tokens")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        self.metrics.requests_added += 1
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request now and frees its pages; tokens still in flight for it are dropped."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        self._finish(req, "abort")
+        if self.config.check_invariants:
+            self.check_invariants()
+
+    def next_step(self) -> Step | None:
+        if self.config.check_invariants and not self.config.overlap and self._in_flight:
+            raise AssertionError(f"overlap is off but steps {sorted(self._in_flight)} are still in flight")
+        b = _StepBuilder()
+        self._schedule_decodes(b)
+        budget = self._schedule_prefill_chunks(b, self.config.max_prefill_tokens)
+        budget = self._admit(b, budget)
+        step = None
+        if not b.empty:
+            for req in b.chunked:
+                self._cache_prompt_pages(req)
+            step_id = self._next_step_id
+            self._next_step_id += 1
+            self._in_flight[step_id] = b.sampled
+            m = self.metrics
+            m.steps += 1
+            m.decode_tokens += b.num_decode
+            m.prefill_tokens += self.config.max_prefill_tokens - budget
+            step = b.build(step_id)
+        if self.config.check_invariants:
+            self.check_invariants()
+        return step
+
+    def on_step_output(self, step_id: int, tokens: np.ndarray) -> list[TokenEvent]:
+        """Hands each sampled token to its request; results must come in step order."""
+        rows = self._in_flight.pop(step_id, None)
+        if rows is None:
+            return []  # a step from before fail_all
+        if self._in_flight and min(self._in_flight) < step_id:
+            raise ValueError(f"step {step_id}'s output came before step {min(self._in_flight)}'s")
+        ids = tokens.tolist()
+        if len(ids) != len(rows):
+            raise ValueError(f"step {step_id} sampled {len(rows)} tokens, the worker returned {len(ids)}")
+        events: list[TokenEvent] = []
+        eos, context_length = self._eos, self.config.context_length
+        for req, token in zip(rows, ids):
+            req.num_pending -= 1
+            if req.finish_reason is not None:
+                self.metrics.dropped_tokens += 1  # sampled after the request ended (finish checks lag a step)
+                continue
+            seq = req.tokens
+            seq.append(token)
+            num_prompt = len(req.prompt)
+            num_outputs = len(seq) - num_prompt
+            reason = None
+            if num_outputs >= req.min_tokens and (
+                    token in req.stop_token_ids or (not req.ignore_eos and token in eos)):
+                reason = "stop"
+            elif num_outputs >= req.max_tokens or len(seq) >= context_length:
+                reason = "length"
+            if reason is not None:
+                self._finish(req, reason)
+            events.append(TokenEvent(req.request_id, [token], reason,
+                                     (num_prompt, num_outputs, req.cached_prompt_tokens)))
+        if self.config.check_invariants:
+            self.check_invariants()
+        return events
+
+    def fail_all(self, reason: str) -> list[TokenEvent]:
+        """The worker is lost: every request ends with "error" and all state (KV included) starts empty."""
+        events = []
+        for req in self.requests.values():
+            req.finish_reason = "error"
+            req.state = RequestState.FINISHED
+            events.append(TokenEvent(req.request_id, [], "error", req.usage))
+        finished = self.metrics.requests_finished
+        finished["error"] = finished.get("error", 0) + len(events)
+        self.last_failure = reason
+        self._reset()
+        return events
+
+    def flush_cache(self) -> bool:
+        """Evicts every cached page; only when nothing runs or is in flight (returns whether it did)."""
+        if self.running or self._in_flight:
+            return False
+        self.pool.free(self.radix.evict(self.radix.num_pages))
+        return True
+
+    # ---- gauges and counters ---------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_cached_pages(self) -> int:
+        return self.radix.num_pages
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV pages not free (running requests plus the prefix cache)."""
+        return 1.0 - self.pool.num_free / self.config.num_pages
+
+    @property
+    def cache_hit_tokens(self) -> int:
+        return self.metrics.cached_prompt_tokens
+
+    @property
+    def num_retractions(self) -> int:
+        return self.metrics.retractions
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.metrics.tokens_per_step
+
+    def check_invariants(self) -> None:
+        check_kv_invariants(self.pool, self.radix, self.running, self._free_slots, self.config.max_slots)
+        for req in self.waiting:
+            assert req.state is RequestState.WAITING and req.slot == -1 and not req.pages, (
+                f"waiting request {req.request_id} still holds a slot or pages")
+        assert len(self.waiting) + len(self.running) == len(self.requests), (
+            "a live request is neither waiting nor running")
+
+    # ---- building a step -------------------------------------------------------
+
+    def _schedule_decodes(self, b: _StepBuilder) -> None:
+        ps = self.config.page_size
+        running = self.running
+        i = 0
+        while i < len(running):
+            req = running[i]
+            i += 1
+            if req.num_fed < req.fill_len or req.num_scheduled >= req.max_tokens:
+                continue  # still prefilling, or every output it may have is already scheduled
+            new_page = -1
+            if req.num_fed % ps == 0:  # the token goes to a new page
+                if not self._make_room(1, req, prefill_phase=False):
+                    continue  # req itself was retracted
+                new_page = self._alloc(1)[0]
+                req.pages.append(new_page)
+            b.add_decode(req, new_page)
+            req.num_fed += 1
+            req.num_scheduled += 1
+            req.num_pending += 1
+
+    def _schedule_prefill_chunks(self, b: _StepBuilder, budget: int) -> int:
+        """Next chunk of every running request still prefilling (oldest first); returns the budget left."""
+        ps = self.config.page_size
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            if req.num_fed >= req.fill_len:
+                i += 1
+                continue
+            room = (len(req.pages) + self.pool.num_free + self.radix.evictable_pages) * ps - req.num_fed
+            chunk = min(req.fill_len - req.num_fed, budget, room)
+            if chunk <= 0:
+                self._make_room(1, req, prefill_phase=True)
+                continue  # retry with the room made, or move past req if it was retracted
+            start = req.num_fed
+            new_pages = self._alloc(-(-(start + chunk) // ps) - len(req.pages))
+            req.pages.extend(new_pages)
+            self._add_chunk(b, req, chunk, new_pages)
+            budget -= chunk
+            i += 1
+        return budget
+
+    def _admit(self, b: _StepBuilder, budget: int) -> int:
+        if budget <= 0 or not self.waiting or not self._free_slots:
+            return budget
+        ps = self.config.page_size
+        fcfs = self.config.schedule_policy == "fcfs" or len(self.waiting) > LPM_MAX_QUEUE
+        # Pages already promised: the rest of every prompt being prefilled, and one page of
+        # headroom per decoding request so an admission does not force a retraction next step.
+        reserved = b.num_decode + sum(
+            -(-r.fill_len // ps) - len(r.pages) for r in self.running if r.num_fed < r.fill_len)
+        for req in self._admission_order(fcfs):
+            if budget <= 0 or not self._free_slots:
+                break
+            if req.num_pending:  # retracted with outputs still in flight: its prompt is not known yet
+                if fcfs:
+                    break
+                continue
+            # Keep at least one token to compute: the last position must be run to sample from.
+            prefix_pages, node = self.radix.match(req.tokens[:-1])
+            self.radix.lock(node)
+            need = -(-len(req.tokens) // ps) - len(prefix_pages)
+            if need > self.pool.num_free + self.radix.evictable_pages - reserved:
+                self.radix.unlock(node)
+                break
+            self.waiting.remove(req)
+            self._start(req, prefix_pages, node)
+            b.admissions.append(req.slot_params(req.slot))
+            chunk = min(req.fill_len - req.num_fed, budget)
+            new_pages = self._alloc(-(-(req.num_fed + chunk) // ps) - len(req.pages))
+            req.pages.extend(new_pages)
+            # The worker's page table for the slot starts empty: send the cached prefix too.
+            self._add_chunk(b, req, chunk, req.pages)
+            reserved += need - len(new_pages)
+            budget -= chunk
+        return budget
+
+    def _admission_order(self, fcfs: bool) -> Iterator[Request]:
+        if fcfs:
+            while self.waiting:  # the loop either admits the head or stops
+                yield self.waiting[0]
+        else:
+            match_len = self.radix.match_len
+            yield from sorted(self.waiting, key=lambda r: -match_len(r.tokens))
+
+    def _start(self, req: Request, prefix_pages: list[int], node: object) -> None:
+        ps = self.config.page_size
+        req.state = RequestState.RUNNING
+        req.slot = self._free_slots.pop()
+        req.pages = list(prefix_pages)
+        req.num_cached_pages = len(prefix_pages)
+        req.radix_node = node  # type: ignore[assignment]
+        req.fill_len = len(req.tokens)
+        req.num_fed = len(prefix_pages) * ps
+        req.num_scheduled = req.num_outputs
+        req.admitted_seq = self._next_seq
+        self._next_seq += 1
+        if req.cached_prompt_tokens < 0:  # first admission: the hit the client is told about
+            req.cached_prompt_tokens = req.num_fed
+            self.metrics.prompt_tokens += req.num_prompt
+            self.metrics.cached_prompt_tokens += req.num_fed
+        self.running.append(req)
+
+    def _add_chunk(self, b: _StepBuilder, req: Request, chunk: int, pages: list[int]) -> None:
+        start = req.num_fed
+        sample = start + chunk == req.fill_len  # only the chunk that ends the prompt samples
+        b.add_chunk(req, start, req.tokens[start:start + chunk], sample, pages)
+        req.num_fed += chunk
+        if sample:
+            req.num_scheduled += 1
+            req.num_pending += 1
+
+    def _cache_prompt_pages(self, req: Request) -> None:
+        """Shares the full prompt pages prefilled so far through the radix index, while req runs.
+
+        Skipped when another request cached the same content first: the worker's page
+        table cannot be rewritten, so req keeps its own copies until it ends.
+        """
+        if req.state is not RequestState.RUNNING:
+            return
+        full = req.num_fed // self.config.page_size
+        if full <= req.num_cached_pages:
+            return
+        key = req.tokens[: full * self.config.page_size]
+        if self.radix.match_len(key) != req.num_cached_pages:
+            return
+        already, node = self.radix.insert(key, req.pages[:full])
+        assert already == req.num_cached_pages
+        self.radix.lock(node)
+        assert req.radix_node is not None
+        self.radix.unlock(req.radix_node)
+        req.radix_node = node
+        req.num_cached_pages = full
+
+    # ---- pages -----------------------------------------------------------------
+
+    def _alloc(self, n: int) -> list[int]:
+        short = n - self.pool.num_free
+        if short > 0:
+            freed = self.radix.evict(short)
+            self.metrics.evicted_pages += len(freed)
+            self.pool.free(freed)
+        return self.pool.alloc(n)
+
+    def _make_room(self, n: int, req: Request, prefill_phase: bool) -> bool:
+        """Makes n pages allocatable by retracting the newest requests without a row in this step.
+
+        Returns False when req itself had to be retracted.
+        """
+        while self.pool.num_free + self.radix.evictable_pages < n:
+            if prefill_phase:  # decode rows are built already; only prefills at or after req have none
+                victim = next(r for r in reversed(self.running) if r.num_fed < r.fill_len)
+            else:  # rows go oldest first, so everything from req on has none
+                victim = self.running[-1]
+            self._retract(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _retract(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.state = RequestState.WAITING
+        self.waiting.appendleft(req)
+        self.metrics.retractions += 1
+
+    def _release(self, req: Request) -> None:
+        """Gives back req's slot and pages; its computed full pages go into the radix index."""
+        ps = self.config.page_size
+        known = min(req.num_fed, len(req.tokens))  # positions whose KV is written (or in flight) and token known
+        full = known // ps
+        keep = req.num_cached_pages  # radix pages: not ours to free
+        if full > keep:
+            already, _ = self.radix.insert(req.tokens[: full * ps], req.pages[:full])
+            self.pool.free(req.pages[keep:already])  # our copies of pages the index already had
+            keep = full
+        self.pool.free(req.pages[keep:])
+        if req.radix_node is not None:
+            self.radix.unlock(req.radix_node)
+        self._free_slots.append(req.slot)
+        req.slot = -1
+        req.pages = []
+        req.num_cached_pages = 0
+        req.radix_node = None
+        req.num_fed = 0
+        req.fill_len = 0
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.state is RequestState.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        elif req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+        finished = self.metrics.requests_finished
+        finished[reason] = finished.get(reason, 0) + 1

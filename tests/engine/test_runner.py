@@ -1,0 +1,90 @@
+"""ModelRunner.execute on a tiny random (dummy-format) Qwen3: outputs, seeds, logprobs, refused steps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrpc.engine.config import EngineConfig
+from llmrpc.engine.runner import ModelRunner
+from llmrpc.engine.step import SlotParams, Step
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
+    path = tmp_path_factory.mktemp("qwen3")
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 300, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": 64, "eos_token_id": [7, 8]}))
+    return ModelRunner(EngineConfig(model_path=str(path), load_format="dummy", page_size=PAGE,
+                                    max_total_tokens=PAGE * 40, max_slots=6, seed=3))
+
+
+def _i32(*v: int) -> np.ndarray:
+    return np.array(v, dtype=np.int32)
+
+
+def _prefill(step_id: int, slots: list[int], prompt: list[int], pages: list[list[int]], admissions) -> Step:
+    return Step(step_id, 0, slots=np.array(slots, np.int32), starts=np.zeros(len(slots), np.int32),
+                chunk_lens=np.full(len(slots), len(prompt), np.int32),
+                chunk_tokens=np.array(prompt * len(slots), np.int32), sample_chunks=np.ones(len(slots), bool),
+                page_counts=np.array([len(p) for p in pages], np.int32),
+                page_ids=np.array([i for p in pages for i in p], np.int32), admissions=admissions)
+
+
+def _decode(step_id: int, slots: list[int], start: int) -> Step:
+    return Step(step_id, len(slots), slots=np.array(slots, np.int32), starts=np.full(len(slots), start, np.int32),
+                page_counts=np.zeros(len(slots), np.int32))
+
+
+def test_info_describes_the_engine(runner: ModelRunner) -> None:
+    i = runner.info
+    assert (i.architecture, i.vocab_size, i.eos_token_ids, i.context_length) == ("Qwen3ForCausalLM", 300, (7, 8), 64)
+    assert (i.num_pages, i.page_size, i.max_slots, i.device, i.dtype) == (40, PAGE, 6, "cpu", "float32")
+    assert (i.tp_rank, i.tp_size, i.attention_backend) == (0, 1, "torch")
+
+
+def test_same_seed_same_tokens_in_one_batch(runner: ModelRunner) -> None:
+    prompt = [11, 22, 33, 44, 55]
+    params = [SlotParams(s, temperature=1.0, top_k=50, seed=123) for s in (0, 4)] + [SlotParams(2, temperature=1.0)]
+    out = runner.execute(_prefill(0, [0, 4, 2], prompt, [[0, 1, 2], [3, 4, 5], [6, 7, 8]], params))
+    streams = [[t] for t in out.tokens.tolist()]
+    for i in range(6):
+        out = runner.execute(_decode(i + 1, [0, 4, 2], len(prompt) + i))
+        for s, t in zip(streams, out.tokens.tolist()):
+            s.append(t)
+    assert streams[0] == streams[1]
+    assert streams[2] != streams[0]
+    assert out.logprobs is None and out.top_ids is None
+
+
+def test_logprobs_come_back_per_sampled_row(runner: ModelRunner) -> None:
+    out = runner.execute(_prefill(0, [1, 3], [5, 6, 7], [[10], [11]],
+                                  [SlotParams(1, temperature=0.0, logprobs=4), SlotParams(3, temperature=0.0)]))
+    assert out.tokens.shape == (2,) and out.logprobs.shape == (2,)
+    assert out.top_ids.shape == (2, 4) and out.top_logprobs.shape == (2, 4)
+    # Greedy: the sampled token is the most likely one.
+    assert out.top_ids[:, 0].tolist() == out.tokens.tolist()
+    np.testing.assert_array_equal(out.logprobs, out.top_logprobs[:, 0])
+    assert np.all(np.diff(out.top_logprobs, axis=1) <= 0) and np.all(out.top_logprobs < 0)
+
+
+def test_steps_without_sampling_rows(runner: ModelRunner) -> None:
+    assert runner.execute(Step(0, admissions=[SlotParams(5)])).tokens.shape == (0,)
+    # A middle chunk of a prompt samples nothing.
+    out = runner.execute(Step(1, 0, slots=_i32(5), starts=_i32(0), chunk_lens=_i32(4), chunk_tokens=_i32(1, 2, 3, 4),
+                              sample_chunks=np.array([False]), page_counts=_i32(1), page_ids=_i32(20)))
+    assert out.tokens.shape == (0,)
+
+
+def test_refuses_rows_without_kv_room(runner: ModelRunner) -> None:
+    step = Step(0, 0, slots=_i32(5), starts=_i32(0), chunk_lens=_i32(5), chunk_tokens=_i32(1, 2, 3, 4, 5),
+                sample_chunks=np.array([True]), page_counts=_i32(1), page_ids=_i32(30),
+                admissions=[SlotParams(5)])
+    with pytest.raises(ValueError, match="slot 5 needs KV room for 5 tokens but its pages hold 4"):
+        runner.execute(step)

@@ -6,6 +6,10 @@ in flight: `next_step` (build step N+1), `encode_step` (pack it for the wire) an
 `on_step_output` (map step N's tokens to requests). The FakeWorker's own time is
 not counted. Target: next_step + on_step_output under 1 ms at B = 256.
 
+cache "full": the prefix cache first fills the whole pool with other prompts, so
+every page the batch takes (prompts, then a new page per request every 16 decode
+steps) is an LRU eviction, as on a server that has been up a while.
+
   python -m llmrpc.bench.scheduler_overhead [--quick] [--out bench/results/scheduler_overhead.json]
 """
 from __future__ import annotations
@@ -36,7 +40,17 @@ VOCAB = 32000
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduler_overhead.json"
 
 
-def measure(batch: int, steps: int, seed: int = 0) -> dict:
+def _fill_cache(sched: Scheduler, worker: FakeWorker, rng: np.random.Generator) -> None:
+    """Runs one-token requests with distinct prompts until the prefix cache holds every page."""
+    i = 0
+    while sched.num_free_pages > 0:
+        sched.add_request(Request(f"fill{i}", rng.integers(0, VOCAB, PROMPT_LEN + 1).tolist(), max_tokens=1))
+        i += 1
+        while (step := sched.next_step()) is not None:
+            sched.on_step_output(step.step_id, worker.execute(step))
+
+
+def measure(batch: int, steps: int, full_cache: bool = False, seed: int = 0) -> dict:
     """Per-step CPU time (µs) of the scheduler's parts over `steps` decode steps of `batch` rows."""
     max_tokens = steps + 8
     num_pages = batch * -(-(PROMPT_LEN + max_tokens) // PAGE_SIZE)
@@ -44,6 +58,9 @@ def measure(batch: int, steps: int, seed: int = 0) -> dict:
                                       context_length=PROMPT_LEN + max_tokens, eos_token_ids=(2,)))
     worker = FakeWorker(num_pages, PAGE_SIZE, batch, HashModel(VOCAB, seed), verify=False)
     rng = np.random.default_rng(seed)
+    if full_cache:
+        _fill_cache(sched, worker, rng)
+    evicted_before = sched.metrics.evicted_pages
     for i in range(batch):
         sched.add_request(Request(f"r{i}", rng.integers(0, VOCAB, PROMPT_LEN).tolist(),
                                   max_tokens=max_tokens, ignore_eos=True))
@@ -73,6 +90,8 @@ def measure(batch: int, steps: int, seed: int = 0) -> dict:
     us = lambda xs: statistics.median(xs) / 1e3  # noqa: E731
     return {
         "batch": batch,
+        "cache": "full" if full_cache else "empty",
+        "evicted_pages": sched.metrics.evicted_pages - evicted_before,
         "steps": len(build),
         "next_step_us": us(build),
         "on_step_output_us": us(output),
@@ -111,10 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     batches = [1, 256] if args.quick else [1, 32, 64, 128, 256]
     steps = args.steps or (20 if args.quick else 200)
-    rows = [measure(b, steps) for b in batches]
-    print(f"{'batch':>6} {'next_step':>10} {'on_output':>10} {'scheduler':>10} {'p99':>8} {'encode':>8}   (µs per decode step)")
+    rows = [measure(b, steps) for b in batches] + [measure(256, steps, full_cache=True)]
+    print(f"{'batch':>6} {'cache':>6} {'next_step':>10} {'on_output':>10} {'scheduler':>10} {'p99':>8} "
+          f"{'encode':>8}   (µs of CPU per decode step, median)")
     for r in rows:
-        print(f"{r['batch']:>6} {r['next_step_us']:>10.1f} {r['on_step_output_us']:>10.1f} "
+        print(f"{r['batch']:>6} {r['cache']:>6} {r['next_step_us']:>10.1f} {r['on_step_output_us']:>10.1f} "
               f"{r['scheduler_us']:>10.1f} {r['p99_scheduler_us']:>8.1f} {r['encode_step_us']:>8.1f}")
     result = {
         "benchmark": "scheduler_overhead",

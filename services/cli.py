@@ -186,6 +186,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
     asyncio.run(chat_repl(args.target, max_tokens=args.max_tokens, temperature=args.temperature))
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    print(resolve_model(args.model))  # fetches and converts the default model into the cache once
+
+
 def cmd_health(args: argparse.Namespace) -> None:
     from llmrpc.services.client import check_health
 
@@ -241,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.7)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("download", help="fetch and convert the model into the cache, print its directory")
+    _add_common(p); _add_model(p)
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("health", help="exit 0 when HOST:PORT reports SERVING (container health checks)")
     _add_common(p)

@@ -8,11 +8,15 @@ A node's `lock_ref` counts the running requests that use it or a descendant
 (locking walks up to the root), so a node with lock_ref 0 has no locked
 descendant either and its pages are evictable. Eviction takes the least
 recently used unlocked leaf, trimming pages off its tail when only part of it
-is needed.
+is needed. The candidates live in a heap kept up to date as leaves are made,
+touched and unlocked (stale entries are skipped when popped), because with a
+full cache every new page of every decode step evicts: a scan of the whole tree
+each time would cost more than the rest of the step.
 """
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Iterator, Sequence
 
 
@@ -35,6 +39,9 @@ class RadixIndex:
         self.num_pages = 0  # pages held by the index
         self.evictable_pages = 0  # of those, pages in nodes no running request locks
         self._clock = 0  # logical time for LRU
+        # (last_access, push order, node) for every unlocked leaf, plus stale entries skipped on pop
+        self._lru: list[tuple[int, int, RadixNode]] = []
+        self._pushes = itertools.count()
 
     # ---- lookups ------------------------------------------------------------
 
@@ -57,6 +64,7 @@ class RadixIndex:
             child.last_access = now
             pages.extend(child.pages)
             node, i = child, i + n
+        self._track(node)
         return pages, node
 
     def match_len(self, tokens: Sequence[int]) -> int:
@@ -97,12 +105,14 @@ class RadixIndex:
                 node.children[key[i:i + ps]] = leaf
                 self.num_pages += len(leaf.pages)
                 self.evictable_pages += len(leaf.pages)
+                self._track(leaf)
                 return i // ps, leaf
             n = self._common_prefix(child.key, key, i)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
             node, i = child, i + n
+        self._track(node)
         return len(key) // ps, node
 
     # ---- locking ------------------------------------------------------------
@@ -122,6 +132,7 @@ class RadixIndex:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.evictable_pages += len(node.pages)
+                self._track(node)
             node = node.parent  # type: ignore[assignment]
 
     # ---- eviction -----------------------------------------------------------
@@ -130,22 +141,22 @@ class RadixIndex:
         """Frees up to `num_pages` pages from unlocked leaves, least recently used first."""
         ps = self.page_size
         freed: list[int] = []
-        heap = [(n.last_access, id(n), n) for n in self.nodes() if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
-        while len(freed) < num_pages and heap:
-            _, _, leaf = heapq.heappop(heap)
+        while len(freed) < num_pages and self._lru:
+            last_access, _, leaf = heapq.heappop(self._lru)
+            if leaf.parent is None or leaf.children or leaf.lock_ref or leaf.last_access != last_access:
+                continue  # stale: evicted, grown, locked or touched since it was pushed
             take = min(num_pages - len(freed), len(leaf.pages))
             if take < len(leaf.pages):  # trim the tail, keep the leaf
                 freed.extend(leaf.pages[-take:])
                 del leaf.pages[-take:]
                 leaf.key = leaf.key[: len(leaf.key) - take * ps]
+                self._track(leaf)
             else:
                 freed.extend(leaf.pages)
                 parent = leaf.parent
-                assert parent is not None
                 del parent.children[leaf.key[:ps]]
-                if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                leaf.parent = None
+                self._track(parent)
             self.num_pages -= take
             self.evictable_pages -= take
         return freed
@@ -168,9 +179,23 @@ class RadixIndex:
             total += len(node.pages)
             evictable += len(node.pages) if node.lock_ref == 0 else 0
         assert total == self.num_pages, f"radix holds {total} pages, counter says {self.num_pages}"
+        tracked = {id(n) for t, _, n in self._lru
+                   if n.parent is not None and not n.children and n.lock_ref == 0 and n.last_access == t}
+        for node in self.nodes():
+            if not node.children and node.lock_ref == 0:
+                assert id(node) in tracked, "an unlocked radix leaf is missing from the LRU heap"
         assert evictable == self.evictable_pages, f"radix has {evictable} evictable pages, counter says {self.evictable_pages}"
 
     # ---- internals ----------------------------------------------------------
+
+    def _track(self, node: RadixNode) -> None:
+        """Makes node an eviction candidate if it is an unlocked leaf (call after its time changes)."""
+        if node.lock_ref == 0 and not node.children and node is not self.root:
+            heapq.heappush(self._lru, (node.last_access, next(self._pushes), node))
+            if len(self._lru) > 2 * self.num_pages + 64:  # mostly stale: rebuild from the tree
+                self._lru = [(n.last_access, next(self._pushes), n)
+                             for n in self.nodes() if not n.children and n.lock_ref == 0]
+                heapq.heapify(self._lru)
 
     def _tick(self) -> int:
         self._clock += 1

@@ -124,11 +124,11 @@ ops = st.lists(
         st.tuples(st.just("evict"), st.integers(0, 6)),
         st.tuples(st.just("match_len"), tokens),
     ),
-    max_size=60,
+    max_size=80,
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(page_size=st.integers(1, 3), ops=ops)
 def test_radix_agrees_with_a_naive_prefix_dict(page_size: int, ops: list[tuple]) -> None:
     radix, naive = RadixIndex(page_size), NaiveIndex(page_size)

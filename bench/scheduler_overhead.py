@@ -41,9 +41,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduler_overhead.
 
 
 def _fill_cache(sched: Scheduler, worker: FakeWorker, rng: np.random.Generator) -> None:
-    """Runs one-token requests with distinct prompts until the prefix cache holds every page."""
+    """Runs one-token requests with distinct prompts until the prefix cache starts evicting."""
     i = 0
-    while sched.num_free_pages > 0:
+    while sched.metrics.evicted_pages == 0:
         sched.add_request(Request(f"fill{i}", rng.integers(0, VOCAB, PROMPT_LEN + 1).tolist(), max_tokens=1))
         i += 1
         while (step := sched.next_step()) is not None:

@@ -34,6 +34,7 @@ class EngineConfig:
     seed: int = 0
     tp_rank: int = 0
     tp_size: int = 1
+    dist_init_addr: str | None = None  # host:port where rank 0 hosts the ranks' rendezvous (tp_size > 1)
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -42,6 +43,11 @@ class EngineConfig:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank {self.tp_rank} is outside tp_size {self.tp_size}")
+        if self.tp_size > 1:
+            host, _, port = (self.dist_init_addr or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"tp_size {self.tp_size} needs dist_init_addr as host:port, "
+                                 f"got {self.dist_init_addr!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.cuda_graph_max_bs < 0:

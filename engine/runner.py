@@ -28,7 +28,7 @@ from llmrpc.engine.forward_batch import ForwardBatch
 from llmrpc.engine.kv_cache import KVPool, plan_num_pages
 from llmrpc.engine.loader import load_model_weights
 from llmrpc.engine.models import model_class
-from llmrpc.engine.parallel import TensorParallel
+from llmrpc.engine.parallel import init_tensor_parallel
 from llmrpc.engine.sampling import Sampler
 from llmrpc.engine.step import Step, StepOutput
 from llmrpc.kernels import create_attention_backend, resolve_attention_backend
@@ -99,7 +99,7 @@ class ModelRunner:
         self.model_config = ModelConfig.load(config.model_path)
         mc = self.model_config
         self.max_context = config.max_context or mc.max_position_embeddings
-        self.tp = TensorParallel(config.tp_rank, config.tp_size)
+        self.tp = init_tensor_parallel(config)  # joins the ranks' process group before any collective
         with _default_tensor_placement(self.device, self.dtype):
             self.model = model_class(mc)(mc, self.tp, self.max_context)
         self.model.eval()

@@ -83,6 +83,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default=_env("load_format", "auto"),
                    choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--tp", type=int, default=_env("tp", 1), help="tensor-parallel ranks")
+    p.add_argument("--dist-init-addr", default=_env("dist_init_addr", None),
+                   help="HOST:PORT where rank 0 hosts the ranks' rendezvous (--tp > 1; serve picks a free port)")
     p.add_argument("--seed", type=int, default=_env("seed", 0))
 
 
@@ -91,6 +93,37 @@ def _add_scheduler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-policy", default=_env("schedule_policy", "fcfs"), choices=["fcfs", "lpm"])
     p.add_argument("--check-kv-invariants", action="store_true", default=_env("check_kv_invariants", False))
     p.add_argument("--disable-overlap", action="store_true", default=_env("disable_overlap", False))
+    p.add_argument("--max-queued-requests", type=int, default=_env("max_queued_requests", 1024),
+                   help="waiting requests beyond this are refused at once with RESOURCE_EXHAUSTED (0: no bound)")
+    p.add_argument("--max-prompt-tokens", type=int, default=_env("max_prompt_tokens", 0),
+                   help="refuse longer prompts with INVALID_ARGUMENT (0: only the context length bounds them)")
+
+
+def _add_http(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http-port", type=int, default=_env("http_port", DEFAULT_HTTP_PORT),
+                   help="OpenAI-compatible HTTP on the tokenizer's host (0: off)")
+
+
+def _add_security(p: argparse.ArgumentParser, public: bool, internal_links: bool = True) -> None:
+    """TLS flags; `public` adds the API key and receive limit; `internal_links` the mTLS CA."""
+    p.add_argument("--tls-cert", default=_env("tls_cert", None), help="PEM certificate this service presents")
+    p.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key of --tls-cert")
+    if internal_links:
+        p.add_argument("--tls-ca", default=_env("tls_ca", None),
+                   help="PEM CA for the internal links: calls to the next service use TLS verified by it"
+                            + ("" if public else ", and clients of this port must present a cert it signed (mTLS)"))
+    if public:
+        p.add_argument("--api-key", default=_env("api_key", None),
+                       help="require `authorization: Bearer <key>` on every call (gRPC metadata and HTTP)")
+        p.add_argument("--max-receive-bytes", type=int, default=_env("max_receive_bytes", 16 * 1024 * 1024),
+                       help="largest request message the public port accepts")
+
+
+def _security(args: argparse.Namespace):
+    from llmrpc.services.auth import Security
+
+    return Security(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=getattr(args, "tls_ca", None),
+                    api_key=getattr(args, "api_key", None))
 
 
 def _engine_config(args: argparse.Namespace, model_path: str, rank: int):
@@ -102,7 +135,10 @@ def _engine_config(args: argparse.Namespace, model_path: str, rank: int):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and args.tp > 1:
-        device = f"cuda:{rank}"
+        import torch
+
+        # One GPU per rank; a container that sees only its own GPU gets cuda:0.
+        device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
     return EngineConfig(
         model_path=model_path,
         device=device,
@@ -116,6 +152,7 @@ def _engine_config(args: argparse.Namespace, model_path: str, rank: int):
         seed=args.seed,
         tp_rank=rank,
         tp_size=args.tp,
+        dist_init_addr=args.dist_init_addr,
     )
 
 
@@ -125,11 +162,16 @@ def _engine_config(args: argparse.Namespace, model_path: str, rank: int):
 def cmd_worker(args: argparse.Namespace) -> None:
     from llmrpc.services.worker.server import WorkerConfig, serve
 
+    try:
+        engine = _engine_config(args, resolve_model(args.model), args.rank)
+    except ValueError as exc:  # e.g. --tp 2 without --dist-init-addr
+        raise SystemExit(f"llmrpc worker: {exc}") from None
     config = WorkerConfig(
-        engine=_engine_config(args, resolve_model(args.model), args.rank),
+        engine=engine,
         host=args.host,
         port=args.port,
         unix_socket=args.unix_socket,
+        security=_security(args),
     )
     asyncio.run(serve(config))
 
@@ -145,6 +187,9 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
         schedule_policy=args.schedule_policy,
         check_invariants=args.check_kv_invariants,
         overlap=not args.disable_overlap,
+        max_queued_requests=args.max_queued_requests,
+        max_prompt_tokens=args.max_prompt_tokens,
+        security=_security(args),
     )
     asyncio.run(serve(config))
 
@@ -157,6 +202,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         port=args.port,
         scheduler=args.scheduler,
         model_path=resolve_model(args.model),
+        max_receive_bytes=args.max_receive_bytes,
+        security=_security(args),
+        http_port=args.http_port or None,  # 0 turns HTTP off
     )
     asyncio.run(serve(config))
 
@@ -206,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p); _add_model(p); _add_engine(p); _add_scheduler(p)
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address of the public tokenizer port")
     p.add_argument("--port", type=int, default=_env("port", DEFAULT_TOKENIZER_PORT))
+    _add_http(p)
     p.add_argument("--scheduler-port", type=int, default=_env("scheduler_port", DEFAULT_SCHEDULER_PORT))
     p.add_argument("--worker-port", type=int, default=_env("worker_port", DEFAULT_WORKER_PORT),
                    help="rank r listens on this port + r")
+    _add_security(p, public=True, internal_links=False)  # the public port; internal links are local sockets
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run one worker rank")
@@ -217,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=_env("port", DEFAULT_WORKER_PORT))
     p.add_argument("--unix-socket", default=_env("unix_socket", None), help="also listen on this unix socket path")
+    _add_security(p, public=False)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("scheduler", help="run the scheduler")
     _add_common(p); _add_scheduler(p)
     p.add_argument("--workers", default=_env("workers", f"127.0.0.1:{DEFAULT_WORKER_PORT}"),
                    help="comma-separated worker targets in rank order (host:port or unix:path)")
+    _add_security(p, public=False)
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=_env("port", DEFAULT_SCHEDULER_PORT))
     p.set_defaults(func=cmd_scheduler)
@@ -230,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="run the public front door")
     _add_common(p); _add_model(p)
     p.add_argument("--scheduler", default=_env("scheduler", f"127.0.0.1:{DEFAULT_SCHEDULER_PORT}"))
+    _add_security(p, public=True)
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=_env("port", DEFAULT_TOKENIZER_PORT))
+    _add_http(p)
     p.set_defaults(func=cmd_tokenizer)
 
     for name, func, help_ in (("generate", cmd_generate, "stream a completion to the terminal"),

@@ -18,9 +18,17 @@ from llmrpc.v1 import generation_pb2, generation_pb2_grpc
 Messages = Sequence[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
 
 
-def check_health(target: str, timeout: float = 3.0, service: str = "") -> bool:
-    """True when `target` answers grpc.health.v1 Check with SERVING (blocking; for probes)."""
-    with grpc.insecure_channel(target) as channel:
+def check_health(target: str, timeout: float = 3.0, service: str = "",
+                 root_certificates: bytes | None = None) -> bool:
+    """True when `target` answers grpc.health.v1 Check with SERVING (blocking; for probes).
+
+    `root_certificates`: the port speaks TLS and its certificate chains to these roots.
+    """
+    if root_certificates is not None:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

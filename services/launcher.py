@@ -3,13 +3,16 @@
 Starts the worker ranks, the scheduler and the tokenizer, each its own process
 running the same `llmrpc <service>` command a container runs; waits for each to
 report SERVING; restarts a child that dies (with backoff) and says why it died;
-stops every child on Ctrl-C or SIGTERM.
+stops every child on Ctrl-C or SIGTERM. With `--tp N` the worker ranks are one
+group: when one dies, the others are stuck in (or bound to) a process group with a
+dead peer, so the whole group is stopped and restarted together.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,12 @@ def exit_cause(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the stack the same way Ctrl-C does
 
@@ -49,6 +58,8 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = field(default=0.0)
+    tls_root: bytes | None = None  # the health probe trusts this certificate (a TLS public port)
+    group: str | None = None  # children of one group die and restart together (the TP ranks)
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv)
@@ -87,6 +98,9 @@ class Launcher:
             "--load-format", a.load_format,
             "--tp", a.tp, "--seed", a.seed,
         ]
+        if a.tp > 1:
+            # Rank 0 hosts the rendezvous; a restarted group meets at the same address.
+            engine_flags += ["--dist-init-addr", a.dist_init_addr or f"127.0.0.1:{_free_port()}"]
         children = []
         sockets = []
         for rank in range(a.tp):
@@ -98,8 +112,10 @@ class Launcher:
                 self._service("worker", "--model", self.model_path, "--rank", rank, "--port", port,
                               "--unix-socket", sock, *engine_flags),
                 f"127.0.0.1:{port}",
+                group="workers" if a.tp > 1 else None,
             ))
-        scheduler_flags = ["--max-prefill-tokens", a.max_prefill_tokens, "--schedule-policy", a.schedule_policy]
+        scheduler_flags = ["--max-prefill-tokens", a.max_prefill_tokens, "--schedule-policy", a.schedule_policy,
+                           "--max-queued-requests", a.max_queued_requests, "--max-prompt-tokens", a.max_prompt_tokens]
         if a.check_kv_invariants:
             scheduler_flags.append("--check-kv-invariants")
         if a.disable_overlap:
@@ -112,10 +128,21 @@ class Launcher:
         children.append(Child(
             "tokenizer",
             self._service("tokenizer", "--model", self.model_path, "--host", a.host, "--port", a.port,
-                          "--scheduler", f"127.0.0.1:{a.scheduler_port}"),
+                          "--http-port", a.http_port,
+                          "--scheduler", f"127.0.0.1:{a.scheduler_port}", *self._public_flags()),
             f"127.0.0.1:{a.port}",
+            tls_root=Path(a.tls_cert).read_bytes() if a.tls_cert else None,
         ))
         return children
+
+    def _public_flags(self) -> list[object]:
+        a = self.args
+        flags: list[object] = ["--max-receive-bytes", a.max_receive_bytes]
+        if a.tls_cert:
+            flags += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
+        if a.api_key:
+            flags += ["--api-key", a.api_key]  # note: visible in the process list; prefer LLMRPC_API_KEY
+        return flags
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
@@ -138,7 +165,7 @@ class Launcher:
     def _wait_until_serving(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         for child in self.children:
-            while not check_health(child.health_target, timeout=1.0):
+            while not check_health(child.health_target, timeout=1.0, root_certificates=child.tls_root):
                 code = child.poll()
                 if code is not None:
                     raise SystemExit(f"{child.name} {exit_cause(code)} during start-up")
@@ -165,4 +192,16 @@ class Launcher:
                 log.error("%s %s; restarting in %.1f s", child.name, exit_cause(code), backoff)
                 child.process = None
                 child.next_start = now + backoff
+                self._stop_group_of(child)
             time.sleep(0.2)
+
+    def _stop_group_of(self, dead: Child) -> None:
+        """Stops the rest of `dead`'s group; all of it restarts together when `dead` does."""
+        peers = [c for c in self.children if dead.group is not None and c.group == dead.group and c is not dead]
+        if not peers:
+            return
+        log.error("restarting the %s group with %s", dead.group, dead.name)
+        for peer in peers:
+            peer.stop()  # SIGTERM ends a rank even while it waits in a collective
+            peer.process = None
+            peer.next_start = dead.next_start

@@ -1,7 +1,10 @@
-"""What every llmrpc gRPC server shares: health, reflection, binding, message limits.
+"""What every llmrpc gRPC server shares: health, reflection, binding, message limits, security.
 
 Each service builds its servicer, then calls `start_server`; the health status
-stays NOT_SERVING until the service calls `set_serving(True)`.
+stays NOT_SERVING until the service calls `set_serving(True)`. Internal links
+(scheduler <-> worker steps) allow 64 MiB messages; public ports receive at most
+`PUBLIC_MAX_RECEIVE_BYTES` unless configured otherwise, so one client cannot make
+the front door buffer a huge request.
 """
 from __future__ import annotations
 
@@ -13,9 +16,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmrpc.services.auth import ApiKeyInterceptor, Security
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PUBLIC_MAX_RECEIVE_BYTES = 16 * 1024 * 1024  # default receive limit of the public (client-facing) ports
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -58,9 +64,22 @@ async def start_server(
     addresses: str | list[str],
     register: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: Iterable[str],
+    security: Security | None = None,
+    require_client_cert: bool = True,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Server:
-    """Binds each address (host:port or unix:path), registers servicers, health and reflection."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    """Binds each address (host:port or unix:path), registers servicers, health and reflection.
+
+    `security`: TLS on the TCP addresses (mutual when it has a CA and `require_client_cert`),
+    and the API key checked on every call but health. Unix sockets stay plain: only
+    processes on this host, with file access to the socket, can reach them.
+    """
+    security = security or Security()
+    options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_receive_bytes))
+    interceptors = [ApiKeyInterceptor(security.api_key)] if security.api_key else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    credentials = security.server_credentials(require_client_cert)
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
@@ -74,7 +93,10 @@ async def start_server(
         addresses = [addresses]
     port = 0
     for address in addresses:
-        bound = server.add_insecure_port(address)
+        if credentials is not None and not address.startswith("unix:"):
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
         if bound == 0 and not address.startswith("unix:"):
             raise OSError(f"cannot bind {address}")
         port = port or bound
@@ -84,6 +106,8 @@ async def start_server(
     return result
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    """An insecure aio channel with llmrpc's message limits and keepalives."""
+def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """An aio channel with llmrpc's message limits and keepalives; TLS when given credentials."""
+    if credentials is not None and not target.startswith("unix:"):
+        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)

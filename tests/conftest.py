@@ -43,6 +43,7 @@ class Stack:
     scheduler: str
     workers: list[str]
     log_path: Path
+    http: str = ""  # base URL of the OpenAI-compatible HTTP port
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -61,18 +62,34 @@ class Stack:
         self.process.wait()
 
 
-def start_stack(tmp: Path, model: Path | str, *extra: str, tp: int = 1, timeout: float = 300.0) -> Stack:
-    """Starts `llmrpc serve` on free loopback ports and waits until the front door serves."""
-    port, sched_port = free_port(), free_port()
+def start_stack(tmp: Path, model: Path | str, *extra: str, tp: int = 1, timeout: float = 300.0,
+                attempts: int = 3) -> Stack:
+    """Starts `llmrpc serve` on free loopback ports and waits until the front door serves.
+
+    A port picked free can be taken by someone else before the stack binds it, so a
+    stack that fails to start is retried on fresh ports.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_stack_once(tmp, model, *extra, tp=tp, timeout=timeout)
+        except RuntimeError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_stack_once(tmp: Path, model: Path | str, *extra: str, tp: int, timeout: float) -> Stack:
+    port, sched_port, http_port = free_port(), free_port(), free_port()
     worker_port = free_port()
     log_path = tmp / f"serve-{port}.log"
     argv = [sys.executable, "-m", "llmrpc.services.cli", "serve", "--model", str(model),
             "--port", str(port), "--scheduler-port", str(sched_port), "--worker-port", str(worker_port),
+            "--http-port", str(http_port),
             "--tp", str(tp), "--device", "cpu", "--check-kv-invariants", *extra]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     stack = Stack(process, f"127.0.0.1:{port}", f"127.0.0.1:{sched_port}",
-                  [f"127.0.0.1:{worker_port + r}" for r in range(tp)], log_path)
+                  [f"127.0.0.1:{worker_port + r}" for r in range(tp)], log_path, f"http://127.0.0.1:{http_port}")
     deadline = time.monotonic() + timeout
     while not check_health(stack.tokenizer, timeout=1.0):
         if process.poll() is not None or time.monotonic() > deadline:

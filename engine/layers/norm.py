@@ -1,10 +1,11 @@
-"""RMSNorm, computed in float32 like the HF reference so logits match it exactly in fp32."""
+"""RMSNorm, alone or fused with the residual add that precedes it (kernels/fused.py does the math)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from llmrpc.engine.layers.linear import default_weight_loader
+from llmrpc.kernels import fused
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +15,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with `residual`: (norm(x + residual), x + residual), possibly reusing their memory."""
+        if residual is None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)

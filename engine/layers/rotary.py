@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmrpc.kernels import fused
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Per-pair inverse frequencies, as transformers computes them for each rope type."""
@@ -50,8 +52,30 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin[positions].to(dtype).chunk(2, dim=-1)
         return torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
 
+    def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotation of one forward pass, applied by every layer."""
+        if fused.rope_inplace_supported(positions):
+            return Rope(positions, self.cos_sin, None, None)
+        cos, sin = self.cos_sin_for(positions, dtype)
+        return Rope(positions, self.cos_sin, cos, sin)
+
+
+class Rope:
+    """Rotates q and k of one pass: one fused in-place kernel on CUDA, else the torch reference
+    over cos/sin gathered once per pass."""
+
+    def __init__(self, positions: torch.Tensor, cos_sin: torch.Tensor, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None) -> None:
+        self.positions, self.cos_sin, self.cos, self.sin = positions, cos_sin, cos, sin
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None:
+            q, k = q.contiguous(), k.contiguous()
+            fused.rope_inplace(q, k, self.positions, self.cos_sin)
+            return q, k
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, head_dim] rotated by its position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return fused.rope_torch(x, cos, sin)

@@ -60,6 +60,17 @@ class TokenEvent(NamedTuple):
     token_ids: list[int]
     finish_reason: str | None  # None | "stop" | "length" | "abort" | "error"
     usage: tuple[int, int, int]  # (prompt, completion, cached prompt) tokens
+    # One row per token when the request asked for logprobs, else None:
+    # (logprob of the sampled token, top-N ids, top-N logprobs), N = the request's own.
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class TokenLogprobs(NamedTuple):
+    """The sampled token's logprob and the request's top-N alternatives (most likely first)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 @dataclass(eq=False, slots=True)

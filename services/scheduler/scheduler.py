@@ -10,8 +10,8 @@ Each call to `next_step` builds one Step, in this order:
    budget, the slots and the KV pages last.
 
 KV pages are taken optimistically: a request is admitted when its prompt fits in
-free + evictable pages (with one page of headroom per decoding request), not its
-whole max_tokens. When a running request needs a page and none is left, the
+free + evictable pages beside what the running requests take in the next
+page_size steps, not its whole max_tokens. When a running request needs a page and none is left, the
 scheduler retracts the NEWEST admitted request that has no row in this step yet
 (possibly the one asking): the oldest requests keep going, so the queue drains
 in arrival order and the oldest request always progresses (it fits the pool
@@ -30,6 +30,7 @@ freed now may be reused by the very next step: the worker runs steps in order.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Iterator
 
@@ -41,7 +42,7 @@ from llmrpc.services.scheduler.invariants import check_kv_invariants
 from llmrpc.services.scheduler.metrics import SchedulerMetrics
 from llmrpc.services.scheduler.pages import PagePool
 from llmrpc.services.scheduler.radix import RadixIndex
-from llmrpc.services.scheduler.request import AdmissionError, Request, RequestState, TokenEvent
+from llmrpc.services.scheduler.request import AdmissionError, Request, RequestState, TokenEvent, TokenLogprobs
 
 # Longest-prefix-match needs one radix lookup per waiting request per step; past
 # this queue length it costs more than it saves and admission falls back to fcfs.
@@ -187,8 +188,14 @@ class Scheduler:
             self.check_invariants()
         return step
 
-    def on_step_output(self, step_id: int, tokens: np.ndarray) -> list[TokenEvent]:
-        """Hands each sampled token to its request; results must come in step order."""
+    def on_step_output(self, step_id: int, tokens: np.ndarray, logprobs: np.ndarray | None = None,
+                       top_ids: np.ndarray | None = None,
+                       top_logprobs: np.ndarray | None = None) -> list[TokenEvent]:
+        """Hands each sampled token (and its logprobs, for requests that asked) to its request.
+
+        Results must come in step order. `logprobs` is parallel to `tokens`; `top_ids` and
+        `top_logprobs` have the batch's largest N columns, cut here to each request's own N.
+        """
         rows = self._in_flight.pop(step_id, None)
         if rows is None:
             return []  # a step from before fail_all
@@ -197,9 +204,12 @@ class Scheduler:
         ids = tokens.tolist()
         if len(ids) != len(rows):
             raise ValueError(f"step {step_id} sampled {len(rows)} tokens, the worker returned {len(ids)}")
+        lps = logprobs.tolist() if logprobs is not None else None
+        tops = top_ids.tolist() if top_ids is not None else None
+        top_lps = top_logprobs.tolist() if top_logprobs is not None else None
         events: list[TokenEvent] = []
         eos, context_length = self._eos, self.config.context_length
-        for req, token in zip(rows, ids):
+        for row, (req, token) in enumerate(zip(rows, ids)):
             req.num_pending -= 1
             if req.finish_reason is not None:
                 self.metrics.dropped_tokens += 1  # sampled after the request ended (finish checks lag a step)
@@ -216,8 +226,16 @@ class Scheduler:
                 reason = "length"
             if reason is not None:
                 self._finish(req, reason)
+            token_logprobs = None
+            top_n = req.sampling.logprobs
+            if top_n >= 0:
+                if lps is None or (top_n > 0 and (tops is None or len(tops[row]) < top_n)):
+                    raise ValueError(f"step {step_id}: {req.request_id} asked for logprobs={top_n}, "
+                                     "the worker returned fewer")
+                token_logprobs = [TokenLogprobs(lps[row], tops[row][:top_n] if top_n else [],
+                                                top_lps[row][:top_n] if top_n else [])]
             events.append(TokenEvent(req.request_id, [token], reason,
-                                     (num_prompt, num_outputs, req.cached_prompt_tokens)))
+                                     (num_prompt, num_outputs, req.cached_prompt_tokens), token_logprobs))
         if self.config.check_invariants:
             self.check_invariants()
         return events
@@ -339,10 +357,7 @@ class Scheduler:
             return budget
         ps = self.config.page_size
         fcfs = self.config.schedule_policy == "fcfs" or len(self.waiting) > LPM_MAX_QUEUE
-        # Pages already promised: the rest of every prompt being prefilled, and one page of
-        # headroom per decoding request so an admission does not force a retraction next step.
-        reserved = b.num_decode + sum(
-            -(-r.fill_len // ps) - len(r.pages) for r in self.running if r.num_fed < r.fill_len)
+        reserved = self._reserved_pages()
         for req in self._admission_order(fcfs):
             if budget <= 0 or not self._free_slots:
                 break
@@ -352,6 +367,10 @@ class Scheduler:
                 continue
             # Keep at least one token to compute: the last position must be run to sample from.
             prefix_pages, node = self.radix.match(req.tokens[:-1])
+            if self._prefix_coming(req, len(prefix_pages), b):
+                if fcfs:
+                    break
+                continue
             self.radix.lock(node)
             need = -(-len(req.tokens) // ps) - len(prefix_pages)
             if need > self.pool.num_free + self.radix.evictable_pages - reserved:
@@ -368,6 +387,40 @@ class Scheduler:
             reserved += need - len(new_pages)
             budget -= chunk
         return budget
+
+    def _prefix_coming(self, req: Request, cached_pages: int, b: _StepBuilder) -> bool:
+        """Whether a request prefilling now will cache req's next prompt page: then req waits a step.
+
+        This is how n > 1 siblings (and any identical prompts arriving together) prefill
+        their prompt once: the first is admitted, the rest wait until its pages are in the
+        radix index. Pages written in this very step cannot be shared by it (a step's rows
+        see only KV written by earlier steps), hence the wait. The prefilling request always
+        progresses, so the wait ends.
+        """
+        ps = self.config.page_size
+        lo, hi = cached_pages * ps, (cached_pages + 1) * ps
+        if hi > len(req.tokens) - 1:  # the last token is always computed: no full page left to share
+            return False
+        page = req.tokens[lo:hi]
+        for r in itertools.chain(b.chunked, self.running):
+            if ((r.num_fed < r.fill_len or r in b.chunked) and r.fill_len >= hi
+                    and r.tokens[lo:hi] == page and r.tokens[:lo] == req.tokens[:lo]):
+                return True
+        return False
+
+    def _reserved_pages(self) -> int:
+        """Pages the running requests will soon take: the rest of each prompt being prefilled,
+        and what each decoding request needs for its next page_size tokens (capped by
+        max_tokens), so an admission does not force a retraction a few steps later."""
+        ps = self.config.page_size
+        reserved = 0
+        for r in self.running:
+            if r.num_fed < r.fill_len:
+                reserved += -(-r.fill_len // ps) - len(r.pages)
+            else:
+                upcoming = min(ps, r.max_tokens - r.num_scheduled)
+                reserved += max(0, -(-(r.num_fed + upcoming) // ps) - len(r.pages))
+        return reserved
 
     def _admission_order(self, fcfs: bool) -> Iterator[Request]:
         if fcfs:

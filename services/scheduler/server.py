@@ -13,14 +13,16 @@ import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrpc.services import rpc
+from llmrpc.services.auth import Security
 from llmrpc.services.protocol import decode_output, encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
+from llmrpc.services.scheduler.exposition import scrape_handler
 from llmrpc.services.scheduler.request import AdmissionError, TokenEvent
 from llmrpc.services.scheduler.validation import RequestError, build_requests
 from llmrpc.services.scheduler.scheduler import Scheduler
@@ -46,6 +48,10 @@ class SchedulerServiceConfig:
     check_invariants: bool = False
     overlap: bool = True
     reconnect_interval_s: float = 0.5
+    max_queued_requests: int = 1024  # waiting requests beyond this are refused with RESOURCE_EXHAUSTED
+    max_prompt_tokens: int = 0  # longer prompts are INVALID_ARGUMENT; 0: only the context bounds them
+    max_receive_bytes: int = rpc.PUBLIC_MAX_RECEIVE_BYTES  # clients that tokenize themselves call us directly
+    security: Security = Security()  # TLS/mTLS on our port; its CA and cert also secure the worker links
 
 
 class WorkerLost(Exception):
@@ -53,20 +59,59 @@ class WorkerLost(Exception):
 
 
 class WorkerGroup:
-    """The step streams to every rank: identical commands out, rank 0's tokens back."""
+    """The step streams to every rank: identical commands out, rank 0's tokens back.
 
-    def __init__(self, targets: tuple[str, ...]) -> None:
+    Every rank's stream is read all the time, not only rank 0's: when one rank dies,
+    the others may wait forever in a collective with it and never answer, so the
+    first broken stream loses the whole group at once. `receive` then raises
+    WorkerLost instead of waiting, and `on_lost` wakes a step loop that is idle.
+    """
+
+    def __init__(self, targets: tuple[str, ...], credentials: grpc.ChannelCredentials | None = None,
+                 on_lost: Callable[[], None] = lambda: None) -> None:
         self._targets = targets
-        self._channels = [rpc.channel(t) for t in targets]
+        self._channels = [rpc.channel(t, credentials) for t in targets]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
         self._calls: list = []
+        self._readers: list[asyncio.Task] = []
+        # Rank 0's results in step order, then the WorkerLost that ended the group, if any.
+        self._results: asyncio.Queue[worker_pb2.StepResult | WorkerLost] = asyncio.Queue()
+        self._on_lost = on_lost
+        self.error: WorkerLost | None = None
         self.infos: list[worker_pb2.WorkerInfo] = []
 
     async def connect(self) -> None:
         self.infos = [await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5) for stub in self._stubs]
+        for rank, info in enumerate(self.infos):
+            if (info.tp_rank, info.tp_size) != (rank, len(self._targets)):
+                raise ValueError(f"{self._targets[rank]} is rank {info.tp_rank} of {info.tp_size}, "
+                                 f"not rank {rank} of {len(self._targets)}: list --workers in rank order")
         self._calls = [stub.Steps() for stub in self._stubs]
+        self._readers = [asyncio.create_task(self._read(rank, call)) for rank, call in enumerate(self._calls)]
+
+    async def _read(self, rank: int, call) -> None:
+        """Rank 0's results go to `receive`; the other ranks' only show that they are alive."""
+        try:
+            while (result := await call.read()) is not grpc.aio.EOF:
+                if rank == 0:
+                    self._results.put_nowait(result)
+            self._lose(WorkerLost(f"rank {rank} closed its step stream"))
+        except grpc.aio.AioRpcError as exc:
+            self._lose(WorkerLost(f"rank {rank}: {exc.code().name}: {exc.details()}"))
+
+    def _lose(self, exc: WorkerLost) -> None:
+        if self.error is None:
+            self.error = exc
+            self._results.put_nowait(exc)
+            self._on_lost()
+
+    def check(self) -> None:
+        """Raises the WorkerLost that ended the group, if one did."""
+        if self.error is not None:
+            raise self.error
 
     async def send(self, command: worker_pb2.StepCommand) -> None:
+        self.check()
         try:
             for call in self._calls:
                 await call.write(command)
@@ -74,21 +119,17 @@ class WorkerGroup:
             raise WorkerLost(str(exc)) from exc
 
     async def receive(self) -> worker_pb2.StepResult:
-        results = []
-        for rank, call in enumerate(self._calls):
-            try:
-                result = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                raise WorkerLost(f"rank {rank}: {exc.code().name}: {exc.details()}") from exc
-            if result is grpc.aio.EOF:
-                raise WorkerLost(f"rank {rank} closed its step stream")
-            results.append(result)
-        return results[0]
+        result = await self._results.get()
+        if isinstance(result, WorkerLost):
+            raise result
+        return result
 
     async def close(self) -> None:
+        for task in self._readers:
+            task.cancel()
         for call in self._calls:
             call.cancel()
-        self._calls = []
+        self._calls, self._readers = [], []
         for channel in self._channels:
             await channel.close()
 
@@ -111,19 +152,30 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         if not self._ready.is_set() or self._core is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected")
         request_id = request.request_id or uuid.uuid4().hex
+        core = self._core
         try:
-            requests = build_requests(request, request_id, self._info)
+            requests = build_requests(request, request_id, self._info, self._config.max_prompt_tokens)
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if any(req.request_id in self._streams for req in requests):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
+        limit = self._config.max_queued_requests
+        if limit and core.num_waiting + len(requests) > limit:
+            # Refuse at once: a client can retry elsewhere sooner than it would wait here.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the waiting queue is full ({core.num_waiting} of {limit} requests)")
+        added: list[str] = []
+        try:
             for req in requests:
-                self._core.add_request(req)
-        except (RequestError, AdmissionError) as exc:
+                core.add_request(req)
+                added.append(req.request_id)
+        except AdmissionError as exc:
+            for rid in added:
+                core.abort(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         queue: asyncio.Queue = asyncio.Queue()
         index_of = {req.request_id: i for i, req in enumerate(requests)}
         for req in requests:
-            if req.request_id in self._streams:
-                for r in requests:
-                    self._core.abort(r.request_id)
-                await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
             self._streams[req.request_id] = queue
         self._wake.set()
         stream = not request.HasField("stream") or request.stream
@@ -143,6 +195,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 else:
                     merged = collected.setdefault(index, generation_pb2.GenerateResponse(request_id=request_id, index=index))
                     merged.token_ids.extend(response.token_ids)
+                    merged.logprobs.extend(response.logprobs)
                     merged.finish_reason = response.finish_reason
                     if response.HasField("usage"):
                         merged.usage.CopyFrom(response.usage)
@@ -160,6 +213,13 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         response = generation_pb2.GenerateResponse(
             request_id=request_id, index=index, token_ids=list(event.token_ids)
         )
+        if event.logprobs is not None:
+            response.logprobs.extend(
+                generation_pb2.TokenLogprob(
+                    token_id=token, logprob=row.logprob,
+                    top=[generation_pb2.TopLogprob(token_id=t, logprob=lp)
+                         for t, lp in zip(row.top_ids, row.top_logprobs)])
+                for token, row in zip(event.token_ids, event.logprobs))
         if event.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[event.finish_reason]
             prompt, completion, cached = event.usage
@@ -181,18 +241,31 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
             tp_size=i.tp_size,
             page_size=i.page_size,
             total_kv_tokens=self._core.config.num_pages * i.page_size if self._core else 0,
+            **self._load(),
         )
+
+    def _load(self) -> dict[str, int]:
+        core = self._core
+        if core is None or not self._ready.is_set():
+            return {}
+        return dict(kv_pages_total=core.config.num_pages, kv_pages_free=core.num_free_pages,
+                    kv_pages_cached=core.num_cached_pages, requests_running=core.num_running,
+                    requests_waiting=core.num_waiting)
 
     # ---- the step loop ----------------------------------------------------
 
     async def run(self) -> None:
         """Connects to the workers, drives steps, and reconnects when a rank is lost."""
         while True:
-            group = WorkerGroup(self._config.workers)
+            group = WorkerGroup(self._config.workers, self._config.security.channel_credentials(),
+                                on_lost=self._wake.set)
             try:
                 await group.connect()
-            except grpc.aio.AioRpcError as exc:
-                log.debug("workers not ready: %s", exc.code().name)
+            except (grpc.aio.AioRpcError, ValueError) as exc:
+                if isinstance(exc, ValueError):
+                    log.error("%s", exc)
+                else:
+                    log.debug("workers not ready: %s", exc.code().name)
                 await group.close()
                 await asyncio.sleep(self._config.reconnect_interval_s)
                 continue
@@ -240,7 +313,8 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                     await self._collect(group, in_flight)
                     continue
                 self._wake.clear()
-                await self._wake.wait()
+                await self._wake.wait()  # a new request, or a lost rank (the group's on_lost)
+                group.check()
                 continue
             await group.send(encode_step(step))
             in_flight.append(step.step_id)
@@ -252,7 +326,8 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         expected = in_flight.popleft()
         if output.step_id != expected:
             raise WorkerLost(f"step results out of order: got {output.step_id}, expected {expected}")
-        self._dispatch(self._core.on_step_output(output.step_id, output.tokens))
+        self._dispatch(self._core.on_step_output(output.step_id, output.tokens, output.logprobs,
+                                                 output.top_ids, output.top_logprobs))
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:
@@ -270,8 +345,11 @@ async def serve(config: SchedulerServiceConfig, ready: asyncio.Event | None = No
     service = SchedulerService(config)
     server = await rpc.start_server(
         f"{config.host}:{config.port}",
-        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(service, s)],
+        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(service, s),
+         lambda s: s.add_generic_rpc_handlers((scrape_handler(lambda: service._core),))],
         [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name],
+        security=config.security,
+        max_receive_bytes=config.max_receive_bytes,
     )
     service._server = server
     log.info("scheduler listening on %s:%d, workers %s", config.host, server.port, ", ".join(config.workers))

@@ -78,14 +78,19 @@ def parse_sampling(s: generation_pb2.SamplingParams, vocab_size: int) -> tuple[S
 
 
 def build_requests(request: generation_pb2.GenerateRequest, request_id: str,
-                   info: worker_pb2.WorkerInfo) -> list[Request]:
-    """One core Request per completion (n of them; index i gets request id `<id>#i` when n > 1)."""
+                   info: worker_pb2.WorkerInfo, max_prompt_tokens: int = 0) -> list[Request]:
+    """One core Request per completion (n of them; index i gets request id `<id>#i` when n > 1).
+
+    `max_prompt_tokens` > 0 refuses longer prompts (the operator's limit, below the context's).
+    """
     check_request_id(request_id)
     kind = request.WhichOneof("input")
     _check(kind is not None, "input: set tokens (the scheduler takes token ids)")
     _check(kind == "tokens", f"input: the scheduler takes tokens only, not {kind}; send {kind} to the tokenizer service")
     prompt = tuple(request.tokens.ids)
     _check(len(prompt) > 0, "tokens.ids is empty")
+    _check(max_prompt_tokens <= 0 or len(prompt) <= max_prompt_tokens,
+           f"tokens.ids has {len(prompt)} tokens, more than this server's --max-prompt-tokens {max_prompt_tokens}")
     for i, t in enumerate(prompt):
         if not 0 <= t < info.vocab_size:
             raise RequestError(f"tokens.ids[{i}] = {t} is outside the vocabulary [0, {info.vocab_size})")

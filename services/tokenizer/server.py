@@ -14,15 +14,21 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrpc.services import rpc
+from llmrpc.services.auth import Security
+from llmrpc.services.scheduler.validation import RequestError, check_request_id
 from llmrpc.services.tokenizer.completion import Completion
+from llmrpc.services.tokenizer.metrics import FrontMetrics
 from llmrpc.services.tokenizer.template import InputError, Message, PromptBuilder, load_tokenizer
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc
+
+if TYPE_CHECKING:
+    from llmrpc.services.tokenizer.http_server import HttpServer
 
 log = logging.getLogger("llmrpc.tokenizer")
 
@@ -37,6 +43,19 @@ class TokenizerConfig:
     scheduler: str = "127.0.0.1:50052"
     model_name: str = ""  # reported by GetModelInfo; empty: the scheduler's, else the path's name
     health_poll_interval_s: float = 0.5
+    http_port: int | None = None  # the OpenAI-compatible HTTP port; None: off, 0: any free port
+    max_receive_bytes: int = rpc.PUBLIC_MAX_RECEIVE_BYTES  # the largest request a client may send
+    # TLS and the API key on the public port; with a CA, the link to the scheduler is mutual TLS.
+    security: Security = Security()
+
+
+class GenerationError(Exception):
+    """A request that ends in a gRPC status: bad input, a missing scheduler, a broken stream."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
@@ -44,22 +63,37 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
 
     def __init__(self, config: TokenizerConfig, channel: grpc.aio.Channel) -> None:
         self._config = config
+        self.metrics = FrontMetrics()
         self._scheduler = generation_pb2_grpc.GenerationStub(channel)
         self.prompts: PromptBuilder | None = None  # set once the tokenizer has loaded
 
     async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        try:
+            async for response in self.generate(request, context.time_remaining()):
+                yield response
+        except GenerationError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def generate(self, request: generation_pb2.GenerateRequest,
+                       timeout: float | None = None) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """Generate without a gRPC context (the HTTP front door uses it too); raises GenerationError.
+
+        Closing the iterator early (client gone) cancels the scheduler's call, which frees
+        the request's KV pages at once.
+        """
         prompts = self.prompts
         if prompts is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading")
+            raise GenerationError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading")
         request_id = request.request_id or uuid.uuid4().hex
         sampling = request.sampling
         try:
+            check_request_id(request_id)
             prompt = self._prompt_ids(prompts, request)
             for i, stop in enumerate(sampling.stop):
                 if not stop:
                     raise InputError(f"sampling.stop[{i}] is empty")
-        except InputError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (InputError, RequestError) as exc:
+            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
         upstream_sampling = generation_pb2.SamplingParams()
         upstream_sampling.CopyFrom(sampling)
@@ -78,17 +112,19 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
         }
         stream = not request.HasField("stream") or request.stream
         merged: dict[int, generation_pb2.GenerateResponse] = {}
+        timing = self.metrics.start()
+        outcome = "error"
 
-        call = self._scheduler.Generate(upstream, timeout=context.time_remaining())
+        call = self._scheduler.Generate(upstream, timeout=timeout)
         try:
             async for response in call:
                 completion = completions.get(response.index)
                 if completion is None:
-                    await context.abort(
-                        grpc.StatusCode.INTERNAL, f"scheduler answered index {response.index} of n={n}"
-                    )
+                    raise GenerationError(grpc.StatusCode.INTERNAL,
+                                          f"scheduler answered index {response.index} of n={n}")
                 if completion.finished:
                     continue  # a token sampled after this index met a stop string
+                timing.tokens(response.index, len(response.token_ids))
                 out = completion.advance(response)
                 if stream:
                     yield out
@@ -96,25 +132,37 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
                     _merge(merged.setdefault(out.index, generation_pb2.GenerateResponse()), out)
                 if all(c.finished for c in completions.values()):
                     break
+            unfinished = [i for i, c in completions.items() if not c.finished]
+            if unfinished:
+                raise GenerationError(grpc.StatusCode.INTERNAL,
+                                      f"scheduler ended the stream before index {unfinished[0]} finished")
+            for index in sorted(merged):
+                yield merged[index]
+            outcome = "finished"
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), f"scheduler at {self._config.scheduler}: {exc.details()}")
+            outcome = "rejected" if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else "error"
+            raise GenerationError(exc.code(), f"scheduler at {self._config.scheduler}: {exc.details()}") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "aborted"
+            raise
         finally:
             # No-op after a normal end; otherwise (stop string, client gone, error) it
             # tells the scheduler to drop the request and free its KV pages now.
             call.cancel()
-        unfinished = [i for i, c in completions.items() if not c.finished]
-        if unfinished:
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"scheduler ended the stream before index {unfinished[0]} finished"
-            )
-        for index in sorted(merged):
-            yield merged[index]
+            self.metrics.request_done(outcome)
 
     async def GetModelInfo(self, request, context) -> generation_pb2.ModelInfo:
         try:
-            info = await self._scheduler.GetModelInfo(request, timeout=context.time_remaining())
+            return await self.model_info(context.time_remaining())
+        except GenerationError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def model_info(self, timeout: float | None = None) -> generation_pb2.ModelInfo:
+        """The scheduler's ModelInfo under this service's model name; raises GenerationError."""
+        try:
+            info = await self._scheduler.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), f"scheduler at {self._config.scheduler}: {exc.details()}")
+            raise GenerationError(exc.code(), f"scheduler at {self._config.scheduler}: {exc.details()}") from None
         if self._config.model_name:
             info.model_name = self._config.model_name
         elif not info.model_name:
@@ -163,12 +211,17 @@ class TokenizerServer:
     channel: grpc.aio.Channel
     serving: bool = False
     load_error: BaseException | None = None
+    http: HttpServer | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def wait_serving(self, serving: bool = True, timeout: float = 30.0) -> None:
         """Waits until the health status is `serving` (tests and embedders use this)."""
@@ -191,6 +244,8 @@ class TokenizerServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.channel.close()
 
@@ -231,14 +286,21 @@ async def start(config: TokenizerConfig, tokenizer=None) -> TokenizerServer:
 
     `tokenizer` skips loading from `config.model_path` (in-process embedders, tests).
     """
-    channel = rpc.channel(config.scheduler)
+    channel = rpc.channel(config.scheduler, config.security.channel_credentials())
     servicer = TokenizerServicer(config, channel)
     server = await rpc.start_server(
         f"{config.host}:{config.port}",
         [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s)],
         [GENERATION_SERVICE],
+        security=config.security,
+        require_client_cert=False,  # the public port: clients prove themselves with the API key
+        max_receive_bytes=config.max_receive_bytes,
     )
     handle = TokenizerServer(config, server, servicer, channel)
+    if config.http_port is not None:
+        from llmrpc.services.tokenizer.http_server import start_http  # aiohttp only when HTTP is on
+
+        handle.http = await start_http(handle, config.host, config.http_port, config.security)
     handle._tasks.append(asyncio.create_task(handle._load(tokenizer)))
     log.info("tokenizer listening on %s:%d, scheduler %s", config.host, server.port, config.scheduler)
     return handle

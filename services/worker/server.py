@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -20,6 +21,7 @@ import grpc
 
 from llmrpc.engine.config import EngineConfig
 from llmrpc.services import rpc
+from llmrpc.services.auth import Security
 from llmrpc.services.protocol import decode_step, encode_output
 from llmrpc.v1 import worker_pb2, worker_pb2_grpc
 
@@ -32,6 +34,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 50060
     unix_socket: str | None = None  # also listen on unix:PATH (the scheduler's fast path on one host)
+    security: Security = Security()  # with a CA: only schedulers whose client cert it signed (mTLS)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -109,6 +112,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                               else await loop.run_in_executor(self._results, launched.result))
                 except Exception as exc:  # a failed step ends the stream loudly
                     log.exception("step failed")
+                    if self._config.engine.tp_size > 1:
+                        # A peer is gone or the ranks' collectives are out of step: this process can
+                        # never rejoin its group, so it ends, and its supervisor restarts the group.
+                        log.critical("rank %d exits: its tensor-parallel group is broken", self._config.engine.tp_rank)
+                        logging.shutdown()
+                        os._exit(1)  # not sys.exit: a thread may still wait in a collective
                     await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
                 yield encode_output(output)
         finally:
@@ -128,6 +137,7 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
         addresses,
         [lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s)],
         [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
+        security=config.security,
     )
     log.info("worker rank %d listening on %s, loading %s",
              config.engine.tp_rank, " and ".join(addresses), config.engine.model_path)

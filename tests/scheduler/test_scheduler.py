@@ -279,8 +279,8 @@ def test_a_token_sampled_after_a_stop_is_dropped() -> None:
 
 def test_fail_all_errors_every_request_and_starts_empty() -> None:
     sched, worker = make(num_pages=16, page_size=4, max_slots=2)
-    for i in range(3):
-        sched.add_request(Request(f"r{i}", [1, 2, 3, 4, 5, 6], max_tokens=8))
+    for i in range(3):  # distinct prompts: identical ones would wait to share the first's pages
+        sched.add_request(Request(f"r{i}", [1 + i, 2, 3, 4, 5, 6], max_tokens=8))
     step = sched.next_step()
     assert step is not None and sched.num_running == 2 and sched.num_waiting == 1
     events = sched.fail_all("worker lost")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -153,3 +154,54 @@ def test_every_port_serves_health_and_reflection(default_stack) -> None:
         with grpc.insecure_channel(target) as ch:
             services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+
+
+def test_cancel_frees_kv_pages_at_once(tmp_path: Path, default_model_dir: Path) -> None:
+    """A cancelled stream's pages come back: a request that needs almost the whole pool runs next."""
+    from ..conftest import start_stack
+
+    stack = start_stack(tmp_path, default_model_dir, "--max-total-tokens", "512")  # 32 pages of 16 tokens
+    first = pb.GenerateRequest(request_id="cancelled", tokens=pb.TokenIds(ids=list(range(1000, 1100))),
+                               sampling=pb.SamplingParams(max_tokens=380, temperature=0.0, ignore_eos=True))
+    # (100 + 380 tokens: 30 pages.) The scheduler refuses an id while a request holds it, so a short
+    # request under the same id is served only once the cancelled one is gone, not run to its end.
+    same_id = pb.GenerateRequest(request_id="cancelled", tokens=pb.TokenIds(ids=[1, 2, 3]),
+                                 sampling=pb.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    # 420 + 70 tokens: 31 pages, and its prompt alone (27 pages) does not fit beside the 7 the first holds.
+    second = pb.GenerateRequest(tokens=pb.TokenIds(ids=list(range(2000, 2420))),
+                                sampling=pb.SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True))
+
+    async def run() -> tuple[list[pb.GenerateResponse], list[pb.GenerateResponse], list[pb.GenerateResponse]]:
+        async with channel(stack.scheduler) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            call = stub.Generate(first)
+            started = [await call.read() for _ in range(3)]
+            call.cancel()
+            deadline = time.monotonic() + 5  # running to its end would take 377 more decode steps
+            while True:
+                try:
+                    reused = [r async for r in stub.Generate(same_id, timeout=30)]
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if "in use" not in exc.details() or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.05)
+            return started, reused, [r async for r in stub.Generate(second, timeout=60)]
+
+    try:
+        info = asyncio.run(_model_info(stack.scheduler))
+        assert (info.page_size, info.total_kv_tokens) == (16, 512)
+        started, reused, responses = asyncio.run(run())
+    finally:
+        stack.stop()
+    assert [len(r.token_ids) for r in started] == [1, 1, 1]
+    assert reused[-1].finish_reason == pb.FINISH_REASON_LENGTH and reused[-1].usage.completion_tokens == 2
+    assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in started)
+    assert len([t for r in responses for t in r.token_ids]) == 70
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert responses[-1].usage.prompt_tokens == 420 and responses[-1].usage.completion_tokens == 70
+
+
+async def _model_info(target: str) -> pb.ModelInfo:
+    async with channel(target) as ch:
+        return await generation_pb2_grpc.GenerationStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)

@@ -1,16 +1,20 @@
-"""The tokenizer service over real gRPC on loopback, in front of a replaying token-level scheduler.
+"""The tokenizer service over real gRPC on loopback, in front of the real scheduler and worker.
 
-`ReplayScheduler` serves the scheduler's side of the contract (token-level
-`Generation`, health) and streams a fixed continuation, so these tests pin down the
-tokenizer's own behaviour: what it sends upstream, the text it streams back, stop
-strings and cancellation, errors and health. The whole stack is tested end to end
-with the real scheduler in tests/services.
+Most tests talk to the tokenizer of the session's `llmrpc serve` stack (the default
+model). Tests that watch the tokenizer itself (health, naming, loading) start one
+in-process with `start(TokenizerConfig(...))` in front of that stack's scheduler.
+Decoding is greedy, so every expectation is computed from the stack's own output
+(or the scheduler's, for the same token ids) — no model text is written down here.
+That the scheduler really dropped a request the tokenizer cancelled is shown by
+reusing its request id: the scheduler refuses an id while a request holds it.
 """
 from __future__ import annotations
 
 import asyncio
 import io
 import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,7 +25,9 @@ from llmrpc.services.client import build_request, chat_repl, check_health, gener
 from llmrpc.services.tokenizer.server import TokenizerConfig, start
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc
 
-CONTINUATION = "Paris is the capital of France 🇫🇷.\nUser: and Spain? Madrid, of course, and that is all."
+PROMPT = "The three most important inventions of the nineteenth century were"
+REFERENCE_TOKENS = 40
+LONG = 4000  # max_tokens of requests that must be cut short: minutes of decoding on a CPU
 
 
 def free_port() -> int:
@@ -30,241 +36,360 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class ReplayScheduler(generation_pb2_grpc.GenerationServicer):
-    """Answers every request with `continuation`, one token per message."""
+async def collect(target: str, request: generation_pb2.GenerateRequest) -> list[generation_pb2.GenerateResponse]:
+    async with rpc.channel(target) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        return [r async for r in stub.Generate(request, timeout=120)]
 
-    continuation: list[int]
-    delay_s: float = 0.002
-    requests: list[generation_pb2.GenerateRequest] = field(default_factory=list)
-    sent: int = 0
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def Generate(self, request, context):
-        self.requests.append(request)
-        if request.WhichOneof("input") != "tokens":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the scheduler takes tokens only")
-        if 99999 in request.tokens.ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tokens.ids[0] = 99999 is out of range")
-        n = request.sampling.n if request.sampling.HasField("n") else 1
+async def model_info(target: str) -> generation_pb2.ModelInfo:
+    async with rpc.channel(target) as channel:
+        return await generation_pb2_grpc.GenerationStub(channel).GetModelInfo(
+            generation_pb2.GetModelInfoRequest(), timeout=10)
+
+
+def tokens_of(responses: list[generation_pb2.GenerateResponse]) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+def greedy_raw(request_id: str = "", **sampling) -> generation_pb2.GenerateRequest:
+    """PROMPT as raw text, greedy, EOS ignored: the same token stream whatever max_tokens is."""
+    return build_request(PROMPT, chat=False, request_id=request_id, temperature=0.0, ignore_eos=True, **sampling)
+
+
+def fresh_id() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+async def reuse_request_id(scheduler: str, request_id: str, prompt: list[int], n: int = 1,
+                           timeout: float = 10.0) -> list[generation_pb2.GenerateResponse]:
+    """Sends a short request under `request_id` straight to the scheduler, retrying while the id is in use.
+
+    Succeeds only once the scheduler has dropped the earlier request of that id.
+    """
+    request = generation_pb2.GenerateRequest(
+        request_id=request_id, tokens=generation_pb2.TokenIds(ids=prompt),
+        sampling=generation_pb2.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=n))
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            for k, token in enumerate(self.continuation):
-                for index in range(n):
-                    response = generation_pb2.GenerateResponse(request_id=request.request_id, index=index, token_ids=[token])
-                    if k == len(self.continuation) - 1:
-                        response.finish_reason = generation_pb2.FINISH_REASON_LENGTH
-                        response.usage.CopyFrom(generation_pb2.Usage(
-                            prompt_tokens=len(request.tokens.ids), completion_tokens=k + 1, cached_prompt_tokens=3))
-                    self.sent += 1
-                    yield response
-                await asyncio.sleep(self.delay_s)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-
-    async def GetModelInfo(self, request, context):
-        return generation_pb2.ModelInfo(architecture="LlamaForCausalLM", context_length=8192,
-                                        vocab_size=49152, eos_token_ids=[2], tp_size=1)
+            return await collect(scheduler, request)
+        except grpc.aio.AioRpcError as exc:
+            if "in use" not in exc.details() or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
-async def start_scheduler(replay: ReplayScheduler, port: int = 0) -> rpc.Server:
-    server = await rpc.start_server(
-        f"127.0.0.1:{port}",
-        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(replay, s)],
-        ["llmrpc.v1.Generation"],
-    )
-    await server.set_serving(True)
-    return server
+def assert_served_short(responses: list[generation_pb2.GenerateResponse], n: int = 1) -> None:
+    last = {r.index: r for r in responses}
+    assert sorted(last) == list(range(n))
+    for r in last.values():
+        assert r.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        assert r.usage.completion_tokens == 2
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The stack's own greedy continuation of PROMPT, one streamed message per token."""
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    pieces: list[str]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def stop_string(self) -> tuple[str, int]:
+        """A stop string that straddles a token boundary mid-text, and where its first occurrence starts."""
+        text = self.text
+        boundary = 0
+        for piece in self.pieces:
+            boundary += len(piece)
+            if boundary < len(text) // 3 or not piece:
+                continue
+            stop = text[boundary - 2: boundary + 3]
+            if len(stop) == 5 and text.find(stop) == boundary - 2:
+                return stop, boundary - 2
+        raise AssertionError(f"no stop string candidate in {text!r}")
 
 
 @pytest.fixture(scope="module")
-def continuation(tokenizer) -> list[int]:
-    return tokenizer.encode(CONTINUATION, add_special_tokens=False)
+def reference(default_stack, tokenizer) -> Reference:
+    responses = asyncio.run(collect(default_stack.tokenizer, greedy_raw(max_tokens=REFERENCE_TOKENS)))
+    assert [len(r.token_ids) for r in responses] == [1] * REFERENCE_TOKENS
+    return Reference(tokenizer.encode(PROMPT), tokens_of(responses), [r.text for r in responses])
 
 
-def with_stack(tokenizer, continuation, test, delay_s: float = 0.002, **config):
-    """Runs `test(stub, replay, handle)` against a replay scheduler and a tokenizer service."""
-
-    async def main():
-        replay = ReplayScheduler(continuation, delay_s)
-        scheduler = await start_scheduler(replay)
-        handle = await start(TokenizerConfig(model_path="/models/SmolLM2-135M-Instruct", port=0,
-                                             scheduler=f"127.0.0.1:{scheduler.port}",
-                                             health_poll_interval_s=0.05, **config), tokenizer)
-        try:
-            await handle.wait_serving(True, timeout=10)
-            async with rpc.channel(f"127.0.0.1:{handle.port}") as channel:
-                await test(generation_pb2_grpc.GenerationStub(channel), replay, handle)
-        finally:
-            await handle.stop(0)
-            await scheduler.stop(0)
-
-    asyncio.run(main())
-
-
-async def collect(stub, request) -> list[generation_pb2.GenerateResponse]:
-    return [r async for r in stub.Generate(request)]
+def test_streams_text_and_tokens(default_stack, tokenizer, reference) -> None:
+    responses = asyncio.run(collect(default_stack.tokenizer, greedy_raw(max_tokens=REFERENCE_TOKENS)))
+    # What the tokenizer sent upstream: exactly the scheduler's answer to the encoded prompt.
+    direct = asyncio.run(collect(default_stack.scheduler, generation_pb2.GenerateRequest(
+        tokens=generation_pb2.TokenIds(ids=reference.prompt_ids),
+        sampling=generation_pb2.SamplingParams(max_tokens=REFERENCE_TOKENS, temperature=0.0, ignore_eos=True))))
+    assert tokens_of(responses) == tokens_of(direct) == reference.tokens
+    assert len({r.request_id for r in responses}) == 1 and responses[0].request_id  # an id was assigned
+    assert len(responses) == REFERENCE_TOKENS
+    text = "".join(r.text for r in responses)
+    assert text == tokenizer.decode(reference.tokens, skip_special_tokens=True)
+    assert not any("\ufffd" in r.text for r in responses)
+    assert [r.finish_reason for r in responses[:-1]] == [generation_pb2.FINISH_REASON_UNSPECIFIED] * (REFERENCE_TOKENS - 1)
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    assert responses[-1].usage.prompt_tokens == len(reference.prompt_ids)
+    assert responses[-1].usage.completion_tokens == REFERENCE_TOKENS
+    assert responses[-1].usage == direct[-1].usage
 
 
-def test_streams_text_and_tokens(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
-        request = build_request("Hello", chat=False, max_tokens=64, temperature=0.0, stop_token_ids=[2])
-        responses = await collect(stub, request)
-        upstream = replay.requests[0]
-        assert list(upstream.tokens.ids) == tokenizer.encode("Hello")
-        assert upstream.sampling.max_tokens == 64 and upstream.sampling.temperature == 0.0
-        assert list(upstream.sampling.stop_token_ids) == [2]
-        assert upstream.stream and upstream.request_id  # an id was assigned
-        assert {r.request_id for r in responses} == {upstream.request_id}
-        assert len(responses) == len(continuation)
-        assert "".join(r.text for r in responses) == CONTINUATION
-        assert [t for r in responses for t in r.token_ids] == continuation
-        assert not any("\ufffd" in r.text for r in responses)
-        assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
-        assert responses[-1].usage == generation_pb2.Usage(
-            prompt_tokens=len(upstream.tokens.ids), completion_tokens=len(continuation), cached_prompt_tokens=3)
-
-    with_stack(tokenizer, continuation, test)
+def test_sampling_reaches_the_scheduler(default_stack, reference) -> None:
+    """stop_token_ids travel upstream (the scheduler ends the request on the token)."""
+    k = len(reference.tokens) // 2
+    stop_token = reference.tokens[k]
+    first = reference.tokens.index(stop_token)  # its first occurrence, k or earlier
+    responses = asyncio.run(collect(default_stack.tokenizer,
+                                    greedy_raw(max_tokens=REFERENCE_TOKENS, stop_token_ids=[stop_token])))
+    assert tokens_of(responses) == reference.tokens[: first + 1]
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert responses[-1].usage.completion_tokens == first + 1
 
 
-def test_stop_string_cuts_text_and_cancels_the_scheduler_call(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
-        request = build_request("Hello", chat=False, request_id="req-1", stop=["\nUser:", "never"])
-        responses = await collect(stub, request)
-        assert list(replay.requests[0].sampling.stop) == []  # stop strings stay in the tokenizer
-        assert replay.requests[0].request_id == "req-1"
-        assert "".join(r.text for r in responses) == "Paris is the capital of France 🇫🇷."
-        assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
-        consumed = len([t for r in responses for t in r.token_ids])
-        assert responses[-1].usage.completion_tokens == consumed
-        assert consumed < len(continuation)
-        await asyncio.wait_for(replay.cancelled.wait(), 5)
-        assert replay.sent < len(continuation)
+def test_stop_string_cuts_text_and_frees_the_scheduler_request(default_stack, tokenizer, reference) -> None:
+    stop, cut = reference.stop_string()
+    request_id = fresh_id()
 
-    with_stack(tokenizer, continuation, test, delay_s=0.02)
+    async def test():
+        # Stop strings stay in the tokenizer: the scheduler would refuse them (it has no text).
+        responses = await collect(default_stack.tokenizer,
+                                  greedy_raw(request_id, max_tokens=LONG, stop=[stop, "\x00never\x00"]))
+        # The scheduler forgets the request once the tokenizer cancels its call, so its id is free again.
+        again = await reuse_request_id(default_stack.scheduler, request_id, reference.prompt_ids)
+        return responses, again
 
-
-def test_stream_false_returns_one_message_per_index(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
-        request = build_request("Hello", chat=False, stream=False, n=2, stop=["Madrid"])
-        responses = await collect(stub, request)
-        assert [r.index for r in responses] == [0, 1]
-        want = CONTINUATION[: CONTINUATION.index("Madrid")]
-        for r in responses:
-            assert r.text == want
-            assert r.finish_reason == generation_pb2.FINISH_REASON_STOP
-            assert tokenizer.decode(list(r.token_ids)).startswith(want)
-        await asyncio.wait_for(replay.cancelled.wait(), 5)
-
-    with_stack(tokenizer, continuation, test)
+    responses, again = asyncio.run(test())
+    assert {r.request_id for r in responses} == {request_id}
+    assert "".join(r.text for r in responses) == reference.text[:cut]
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+    consumed = tokens_of(responses)
+    assert consumed == reference.tokens[: len(consumed)]
+    assert responses[-1].usage.completion_tokens == len(consumed)
+    assert responses[-1].usage.prompt_tokens == len(reference.prompt_ids)
+    assert tokenizer.decode(consumed, skip_special_tokens=True).startswith(reference.text[:cut] + stop)
+    assert len(consumed) < REFERENCE_TOKENS  # far below max_tokens: the generation was cut, not run out
+    assert_served_short(again)
 
 
-def test_chat_is_templated_and_text_input_never_reaches_the_scheduler(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
-        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
-        pieces = [p async for p in generate_text(f"127.0.0.1:{handle.port}", messages, max_tokens=8)]
-        assert "".join(pieces) == CONTINUATION
-        want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        assert list(replay.requests[0].tokens.ids) == list(want["input_ids"])
+def test_stream_false_returns_one_message_per_index(default_stack, tokenizer, reference) -> None:
+    stop, cut = reference.stop_string()
+    request_id = fresh_id()
 
-    with_stack(tokenizer, continuation, test)
+    async def test():
+        responses = await collect(default_stack.tokenizer,
+                                  greedy_raw(request_id, stream=False, n=2, max_tokens=LONG, stop=[stop]))
+        again = await reuse_request_id(default_stack.scheduler, request_id, reference.prompt_ids, n=2)
+        return responses, again
+
+    responses, again = asyncio.run(test())
+    assert [r.index for r in responses] == [0, 1]
+    for r in responses:
+        assert r.request_id == request_id
+        assert r.text == reference.text[:cut]
+        assert r.finish_reason == generation_pb2.FINISH_REASON_STOP
+        assert list(r.token_ids) == reference.tokens[: len(r.token_ids)]
+        assert r.usage.completion_tokens == len(r.token_ids) < REFERENCE_TOKENS
+        assert tokenizer.decode(list(r.token_ids), skip_special_tokens=True).startswith(r.text + stop)
+    assert_served_short(again, n=2)
+
+
+def test_chat_is_templated_before_it_reaches_the_scheduler(default_stack, tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    templated = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"])
+
+    async def test():
+        pieces = [p async for p in generate_text(default_stack.tokenizer, messages, max_tokens=8, temperature=0.0)]
+        responses = await collect(default_stack.tokenizer, build_request(messages, max_tokens=8, temperature=0.0))
+        direct = await collect(default_stack.scheduler, generation_pb2.GenerateRequest(
+            tokens=generation_pb2.TokenIds(ids=templated),
+            sampling=generation_pb2.SamplingParams(max_tokens=8, temperature=0.0)))
+        return pieces, responses, direct
+
+    pieces, responses, direct = asyncio.run(test())
+    assert tokens_of(responses) == tokens_of(direct)
+    assert responses[-1].usage.prompt_tokens == len(templated)
+    want = tokenizer.decode(tokens_of(direct), skip_special_tokens=True)
+    assert want and "".join(pieces) == "".join(r.text for r in responses) == want
 
 
 @pytest.mark.parametrize(
-    "request_,code,message",
+    "request_,message",
     [
-        (build_request([{"role": "robot", "content": "hi"}]), grpc.StatusCode.INVALID_ARGUMENT,
-         "chat.messages[0].role is 'robot'"),
-        (build_request("", chat=False), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
-        (generation_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input: set one of"),
-        (build_request("hi", stop=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[1] is empty"),
-        # The scheduler's own refusals come back with their status and message.
+        (build_request([{"role": "robot", "content": "hi"}]), "chat.messages[0].role is 'robot'"),
+        (build_request("", chat=False), "text is empty"),
+        (generation_pb2.GenerateRequest(), "input: set one of"),
+        (build_request("hi", stop=["ok", ""]), "sampling.stop[1] is empty"),
+        (generation_pb2.GenerateRequest(tokens=generation_pb2.TokenIds()), "tokens.ids is empty"),
+        # The scheduler's own refusals come back through the tokenizer with their status and message.
         (generation_pb2.GenerateRequest(tokens=generation_pb2.TokenIds(ids=[99999])),
-         grpc.StatusCode.INVALID_ARGUMENT, "tokens.ids[0] = 99999 is out of range"),
+         "tokens.ids[0] = 99999 is outside the vocabulary"),
+        (build_request("hi", top_k=-7), "sampling.top_k"),
     ],
 )
-def test_bad_requests_are_refused_with_the_field(tokenizer, continuation, request_, code, message) -> None:
-    async def test(stub, replay, handle):
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await collect(stub, request_)
-        assert error.value.code() == code
-        assert message in error.value.details()
-
-    with_stack(tokenizer, continuation, test)
+def test_bad_requests_are_refused_with_the_field(default_stack, request_, message) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        asyncio.run(collect(default_stack.tokenizer, request_))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
 
 
-def test_client_cancel_cancels_the_scheduler_call(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
-        call = stub.Generate(build_request("Hello", chat=False))
-        first = await call.read()
-        assert first.text == "Paris"
-        call.cancel()
-        await asyncio.wait_for(replay.cancelled.wait(), 5)
-        assert replay.sent < len(continuation)
+def test_client_cancel_frees_the_scheduler_request(default_stack, reference) -> None:
+    request_id = fresh_id()
 
-    with_stack(tokenizer, continuation, test, delay_s=0.05)
+    async def test():
+        async with rpc.channel(default_stack.tokenizer) as channel:
+            call = generation_pb2_grpc.GenerationStub(channel).Generate(greedy_raw(request_id, max_tokens=LONG))
+            first = await call.read()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call.read()
+        again = await reuse_request_id(default_stack.scheduler, request_id, reference.prompt_ids)
+        return first, again
+
+    first, again = asyncio.run(test())
+    assert first.request_id == request_id
+    assert list(first.token_ids) == reference.tokens[:1]
+    assert first.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED
+    assert_served_short(again)
 
 
-def test_chat_repl_keeps_history_resets_and_exits(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
+def test_chat_repl_keeps_history_resets_and_exits(default_stack) -> None:
+    target = default_stack.tokenizer
+
+    async def reply(messages: list[dict[str, str]]) -> str:
+        return "".join([p async for p in generate_text(target, messages, max_tokens=8, temperature=0.0)])
+
+    async def test():
         typed = io.StringIO("Hi\n\nAnd Spain?\n/reset\nAgain\n/exit\nnever read\n")
         shown = io.StringIO()
-        history = await chat_repl(f"127.0.0.1:{handle.port}", input_stream=typed, output=shown, max_tokens=8)
-        assert shown.getvalue().count(CONTINUATION + "\n") == 3
-        assert "(conversation cleared)" in shown.getvalue()
-        turns = [
-            [{"role": "user", "content": "Hi"}],
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": CONTINUATION},
-             {"role": "user", "content": "And Spain?"}],
-            [{"role": "user", "content": "Again"}],
-        ]
-        assert len(replay.requests) == 3
-        for request, messages in zip(replay.requests, turns):
-            want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-            assert list(request.tokens.ids) == list(want["input_ids"])
-            assert request.sampling.max_tokens == 8
-        assert history == [*turns[2], {"role": "assistant", "content": CONTINUATION}]
+        history = await chat_repl(target, input_stream=typed, output=shown, max_tokens=8, temperature=0.0)
+        first = await reply([{"role": "user", "content": "Hi"}])
+        second = await reply([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "And Spain?"}])
+        without_history = await reply([{"role": "user", "content": "And Spain?"}])
+        third = await reply([{"role": "user", "content": "Again"}])
+        return typed.read(), shown.getvalue(), history, (first, second, without_history, third)
 
-    with_stack(tokenizer, continuation, test)
-
-
-def test_model_info_passes_through_with_the_model_name(tokenizer, continuation) -> None:
-    async def test(stub, replay, handle):
-        info = await stub.GetModelInfo(generation_pb2.GetModelInfoRequest())
-        assert info == generation_pb2.ModelInfo(
-            model_name="SmolLM2-135M-Instruct", architecture="LlamaForCausalLM", context_length=8192,
-            vocab_size=49152, eos_token_ids=[2], tp_size=1)
-
-    with_stack(tokenizer, continuation, test)
+    unread, shown, history, (first, second, without_history, third) = asyncio.run(test())
+    assert second != without_history  # so the transcript below proves the history was sent
+    assert shown == (
+        "chat with the model: /reset clears the conversation, /exit or Ctrl-D quits\n"
+        f"> {first}\n> > {second}\n> (conversation cleared)\n> {third}\n> "
+    )
+    assert history == [{"role": "user", "content": "Again"}, {"role": "assistant", "content": third}]
+    assert unread == "never read\n"
 
 
-def test_health_follows_the_scheduler(tokenizer, continuation) -> None:
+def test_model_info_passes_through(default_stack) -> None:
+    info = asyncio.run(model_info(default_stack.tokenizer))
+    assert info == asyncio.run(model_info(default_stack.scheduler))
+    assert info.model_name == "SmolLM2-135M-Instruct"
+
+
+def test_configured_model_name_replaces_the_schedulers(default_stack, tokenizer) -> None:
+    async def test():
+        handle = await start(TokenizerConfig(model_path="unused", port=0, scheduler=default_stack.scheduler,
+                                             model_name="house-model", health_poll_interval_s=0.05), tokenizer)
+        try:
+            await handle.wait_serving(True, timeout=20)
+            return await model_info(f"127.0.0.1:{handle.port}"), await model_info(default_stack.scheduler)
+        finally:
+            await handle.stop(0)
+
+    info, upstream = asyncio.run(test())
+    upstream.model_name = "house-model"
+    assert info == upstream
+
+
+@dataclass
+class TcpForwarder:
+    """Relays TCP connections from a local port to a target; `stop()` cuts every one (a network fault)."""
+
+    port: int
+    target: tuple[str, int]
+    _server: asyncio.base_events.Server | None = None
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def stop(self) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        upstream = None
+        try:
+            up_reader, upstream = await asyncio.open_connection(*self.target)
+            await asyncio.gather(self._pipe(reader, upstream), self._pipe(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for w in (writer, upstream):
+                if w is not None:
+                    w.transport.abort()
+            self._tasks.discard(task)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.transport.abort()
+
+
+def test_health_follows_the_scheduler(default_stack, tokenizer, reference) -> None:
+    """NOT_SERVING with nothing at the scheduler address, SERVING through to the real one, and back."""
+    host, port = default_stack.scheduler.rsplit(":", 1)
+
     async def main():
-        port = free_port()
-        handle = await start(TokenizerConfig(model_path="unused", port=0, scheduler=f"127.0.0.1:{port}",
+        relay_port = free_port()
+        handle = await start(TokenizerConfig(model_path="unused", port=0, scheduler=f"127.0.0.1:{relay_port}",
                                              health_poll_interval_s=0.05), tokenizer)
         target = f"127.0.0.1:{handle.port}"
+        relay = TcpForwarder(relay_port, (host, int(port)))
         try:
             await asyncio.sleep(0.3)  # several polls with no scheduler
             assert not handle.serving
             assert not await asyncio.to_thread(check_health, target, 2.0)
-            async with rpc.channel(target) as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    await collect(generation_pb2_grpc.GenerationStub(channel), build_request("hi"))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await collect(target, build_request("hi", max_tokens=2))
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert f"scheduler at 127.0.0.1:{port}" in error.value.details()
+            assert f"scheduler at 127.0.0.1:{relay_port}" in error.value.details()
 
-            scheduler = await start_scheduler(ReplayScheduler(continuation), port)
-            await handle.wait_serving(True, timeout=10)
+            await relay.start()  # the real scheduler is now reachable at that address
+            await handle.wait_serving(True, timeout=30)
             assert await asyncio.to_thread(check_health, target, 2.0)
-            await scheduler.set_serving(False)
-            await handle.wait_serving(False, timeout=10)
+            through = await collect(target, greedy_raw(max_tokens=REFERENCE_TOKENS))
+            assert tokens_of(through) == reference.tokens
+            assert "".join(r.text for r in through) == reference.text
+
+            await relay.stop()  # the scheduler becomes unreachable
+            await handle.wait_serving(False, timeout=30)
             assert not await asyncio.to_thread(check_health, target, 2.0)
-            await scheduler.set_serving(True)
-            await handle.wait_serving(True, timeout=10)
-            await scheduler.stop(0)
-            await handle.wait_serving(False, timeout=10)
+
+            await relay.start()
+            await handle.wait_serving(True, timeout=30)
+            assert await asyncio.to_thread(check_health, target, 2.0)
         finally:
+            if relay.running:
+                await relay.stop()
             await handle.stop(0)
 
     asyncio.run(main())

@@ -143,7 +143,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "eos_token_ids", "tp_size", "page_size", "total_kv_tokens")
+    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "eos_token_ids", "tp_size", "page_size", "total_kv_tokens", "kv_pages_total", "kv_pages_free", "kv_pages_cached", "requests_running", "requests_waiting")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,11 @@ class ModelInfo(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_CACHED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     context_length: int
@@ -160,4 +165,9 @@ class ModelInfo(_message.Message):
     tp_size: int
     page_size: int
     total_kv_tokens: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tp_size: _Optional[int] = ..., page_size: _Optional[int] = ..., total_kv_tokens: _Optional[int] = ...) -> None: ...
+    kv_pages_total: int
+    kv_pages_free: int
+    kv_pages_cached: int
+    requests_running: int
+    requests_waiting: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tp_size: _Optional[int] = ..., page_size: _Optional[int] = ..., total_kv_tokens: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ...) -> None: ...

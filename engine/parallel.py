@@ -49,7 +49,9 @@ class TensorParallel:
 
         # One flat buffer, ranks stacked along dim 0: the form both NCCL and gloo gather into.
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous())
+        # torch 2.13 renamed all_gather_into_tensor to all_gather_single; older images lack the new name.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, x.contiguous())
         return torch.cat(out.chunk(self.size), dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -152,7 +152,9 @@ class Launcher:
             self._wait_until_serving()
             print(f"llmrpc is serving {Path(self.model_path).name}\n"
                   f"  gRPC (llmrpc.v1.Generation): {self.args.host}:{self.args.port}\n"
-                  f"  scheduler (tokens in):       127.0.0.1:{self.args.scheduler_port}\n"
+                  + (f"  OpenAI HTTP:                 http://{self.args.host}:{self.args.http_port}/v1\n"
+                     if self.args.http_port else "")
+                  + f"  scheduler (tokens in):       127.0.0.1:{self.args.scheduler_port}\n"
                   f"  try: llmrpc generate \"Hello\" --target {self.args.host}:{self.args.port}   (Ctrl-C stops)",
                   flush=True)
             self._supervise()

@@ -160,10 +160,12 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         if any(req.request_id in self._streams for req in requests):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
         limit = self._config.max_queued_requests
-        if limit and core.num_waiting + len(requests) > limit:
+        # Requests that free slots will take at the next step are not queued behind anyone.
+        queued = core.num_waiting - max(0, core.config.max_slots - core.num_running)
+        if limit and queued + len(requests) > limit:
             # Refuse at once: a client can retry elsewhere sooner than it would wait here.
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the waiting queue is full ({core.num_waiting} of {limit} requests)")
+                                f"the waiting queue is full ({max(queued, 0)} of {limit} requests)")
         added: list[str] = []
         try:
             for req in requests:

@@ -186,13 +186,13 @@ async def start_http(front: TokenizerServer, host: str, port: int, security: Sec
     """Binds host:port (0: any free port) and serves the OpenAI routes for `front`."""
     app = web.Application(middlewares=[_auth_middleware(security.api_key)])
     app.add_routes(OpenAIRoutes(front).routes())
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     ssl_context = None
     if security.tls:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(security.tls_cert, security.tls_key)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     log.info("OpenAI-compatible HTTP on %s:%d", host, bound)

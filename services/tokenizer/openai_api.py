@@ -45,7 +45,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 # Our field paths (as the services name them in messages) → the OpenAI parameter.
 _PARAM_OF_FIELD = {"tokens.ids": "prompt", "text": "prompt", "chat.messages": "messages", "chat": "messages",
                    "input": "prompt", "request_id": "request_id", "prompt": "prompt"}
-_FIELD = re.compile(r"(?:scheduler at \S+: )?([a-z_]+(?:\.[a-z_]+)?)")
+_HOP = re.compile(r"^scheduler at \S+: ")
+_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class ApiError(Exception):
     def from_status(cls, code: grpc.StatusCode, message: str, chat: bool) -> ApiError:
         """A service's gRPC status as HTTP; the parameter is read from the message's leading field."""
         status = HTTP_STATUS.get(code, 500)
+        if status < 500:  # which hop refused it is noise to an API client
+            message = _HOP.sub("", message)
         param = None
         if status == 400:
             m = _FIELD.match(message)

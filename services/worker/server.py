@@ -6,7 +6,8 @@ commands are decoded on the event loop while the previous step computes on a
 dedicated thread, so receiving step N+1 overlaps computing step N. The compute
 thread only launches GPU work (`ModelRunner.launch`); a second thread waits for
 each step's tokens to reach the host, so step N+1 is launched while step N still
-runs on the GPU.
+runs on the GPU. With several tensor-parallel ranks a failed step means the ranks'
+process group is broken, so the process exits and its supervisor restarts the group.
 """
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
         self._runner = ModelRunner(self._config.engine)
 
+    def _launch(self, step):
+        """ModelRunner.launch on the compute thread; with several ranks a failure ends the process."""
+        try:
+            return self._runner.launch(step)
+        except Exception:
+            if self._config.engine.tp_size == 1:
+                raise  # the stream reports it; the next stream may run
+            # A peer is gone or the ranks' collectives are out of step: this process can never rejoin
+            # its group, so it ends (even when no stream is left to report it) and its supervisor
+            # restarts the group.
+            log.critical("rank %d exits: its tensor-parallel group is broken", self._config.engine.tp_rank,
+                         exc_info=True)
+            logging.shutdown()
+            os._exit(1)  # not sys.exit: another thread may still wait in a collective
+
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
         if self._runner is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading the model")
@@ -96,7 +112,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     if command.shutdown:
                         break
                     step = decode_step(command)
-                    pending.put_nowait(loop.run_in_executor(self._compute, self._runner.launch, step))
+                    pending.put_nowait(loop.run_in_executor(self._compute, self._launch, step))
             finally:
                 pending.put_nowait(None)
 
@@ -112,12 +128,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                               else await loop.run_in_executor(self._results, launched.result))
                 except Exception as exc:  # a failed step ends the stream loudly
                     log.exception("step failed")
-                    if self._config.engine.tp_size > 1:
-                        # A peer is gone or the ranks' collectives are out of step: this process can
-                        # never rejoin its group, so it ends, and its supervisor restarts the group.
-                        log.critical("rank %d exits: its tensor-parallel group is broken", self._config.engine.tp_rank)
-                        logging.shutdown()
-                        os._exit(1)  # not sys.exit: a thread may still wait in a collective
                     await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
                 yield encode_output(output)
         finally:

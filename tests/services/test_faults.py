@@ -24,6 +24,7 @@ from llmrpc.v1 import generation_pb2_grpc
 from tests.services.conftest import Certificates, free_port, health_status, service, wait_status
 
 API_KEY = "test-key-0123456789"
+SECRET_PROMPT = "my card number is 4111-1111 and my zebra is quasar"
 SLOTS = 8
 MAX_QUEUED = 4
 
@@ -125,7 +126,7 @@ def test_api_key_and_tls_on_the_public_port(stack, certificates: Certificates) -
             await client.channel.close()
         good = Client(stack["b"].target, creds, KEY)
         text = [r async for r in good.stub.Generate(pb.GenerateRequest(
-            text="hello", sampling=pb.SamplingParams(max_tokens=3, temperature=0.0)), timeout=30, metadata=KEY)]
+            text=SECRET_PROMPT, sampling=pb.SamplingParams(max_tokens=3, temperature=0.0)), timeout=30, metadata=KEY)]
         await good.channel.close()
         plain = Client(stack["b"].target, None, KEY)  # no TLS at all
         results["plaintext"] = (await plain.stream(_tokens(4, 2)))[0]
@@ -145,6 +146,11 @@ def test_api_key_and_tls_on_the_public_port(stack, certificates: Certificates) -
     assert sum(len(r.token_ids) for r in text) == 3 and text[-1].finish_reason == pb.FINISH_REASON_LENGTH
     # Probes need no key.
     assert health_status(stack["b"].target, certificates.channel_credentials(client_cert=False)) == "SERVING"
+    # Nothing a user sent or got back is logged at INFO.
+    outputs = "".join(r.text for r in text)
+    for svc in stack.values():
+        log = svc.log()
+        assert SECRET_PROMPT not in log and (not outputs.strip() or outputs not in log), svc.name
 
 
 def _http_post(url: str, body: dict, ca: str, key: str | None) -> tuple[int, dict]:

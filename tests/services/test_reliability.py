@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import time
 
@@ -284,3 +285,33 @@ def test_abort_storm_leaks_nothing_and_survivors_are_exact(tiny_stack) -> None:
         assert responses[-1].usage.completion_tokens == max_tokens
     print(f"abort storm: {cancelled} cancelled mid-stream, {100 - cancelled} finished exactly")
     asyncio.run(wait_no_leak(tiny_stack.scheduler))
+
+
+# ---- the load harness (bench/load.py) against the same stack --------------------------
+
+
+def test_load_harness_closed_and_open_loop(tiny_stack, tmp_path) -> None:
+    from llmrpc.bench import load
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps({"chat_id": i, "timestamp": 100 + i * 0.05, "input_length": 20 + i,
+                                           "output_length": 4 + i % 3, "type": "text"}) for i in range(6)) + "\n")
+    runs = {
+        "closed": ["--target", tiny_stack.tokenizer, "--concurrency", "1,4", "--num-requests", "8",
+                   "--input-len", "16:32", "--output-len", "8"],
+        "poisson-http": ["--target", tiny_stack.http, "--api", "http", "--rate", "50", "--num-requests", "6",
+                         "--input-len", "16", "--output-len", "5"],
+        "trace": ["--target", tiny_stack.scheduler, "--trace", str(trace), "--time-scale", "1,0.5"],
+    }
+    for name, argv in runs.items():
+        report = load.main([*argv, "--out", str(tmp_path / name)])
+        saved = json.loads((tmp_path / f"{name}.json").read_text())
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+        assert saved["levels"] == report["levels"] and saved["commit"] and saved["hardware"]["cpus"]
+        for level in report["levels"]:
+            assert level["errors"] == {} and level["completed"] == level["requests"]
+            assert level["output_tokens"] == level["expected_output_tokens"]
+            for key in ("ttft_ms", "itl_ms", "e2e_ms"):
+                assert 0 <= level[key]["p50"] <= level[key]["p90"] <= level[key]["p99"]
+    assert [lv["requests"] for lv in report["levels"]] == [6, 6]
+    assert report["levels"][0]["expected_output_tokens"] == sum(4 + i % 3 for i in range(6))

@@ -30,15 +30,16 @@ PROMPTS = ["What is the capital of France?", "Name three colors.", "Count from o
 MAX_TOKENS = 16
 
 
-async def greedy_tokens(target: str, prompts: list[str]) -> list[list[int]]:
-    """Each prompt alone (no batching differences between the stacks), greedy, MAX_TOKENS tokens."""
-    answers = []
+async def greedy_tokens(target: str, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """The prompts at once (one batch), greedy, exactly `max_tokens` tokens each."""
     async with channel(target) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
-        for prompt in prompts:
-            request = build_request(prompt, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-            answers.append([t async for r in stub.Generate(request, timeout=120) for t in r.token_ids])
-    return answers
+
+        async def one(prompt: str) -> list[int]:
+            request = build_request(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            return [t async for r in stub.Generate(request, timeout=120) for t in r.token_ids]
+
+        return list(await asyncio.gather(*map(one, prompts)))
 
 
 async def kill_mid_stream(target: str, request: pb.GenerateRequest, pid: int) -> grpc.aio.AioRpcError:
@@ -84,7 +85,7 @@ def test_tp3_answers_token_for_token_as_tp1(tp3_stack: Stack, default_stack: Sta
 
 
 def test_killed_rank_fails_streams_and_the_group_restarts(tp3_stack: Stack) -> None:
-    before = asyncio.run(greedy_tokens(tp3_stack.tokenizer, PROMPTS[:1]))
+    before = asyncio.run(greedy_tokens(tp3_stack.tokenizer, PROMPTS[:1], 8))
     ranks = worker_rank_pids(tp3_stack)
     assert sorted(ranks) == [0, 1, 2]
     request = build_request(PROMPTS[0], max_tokens=1000, temperature=0.0, ignore_eos=True)
@@ -102,7 +103,7 @@ def test_killed_rank_fails_streams_and_the_group_restarts(tp3_stack: Stack) -> N
     after = None
     while after is None:
         try:
-            after = asyncio.run(greedy_tokens(tp3_stack.tokenizer, PROMPTS[:1]))
+            after = asyncio.run(greedy_tokens(tp3_stack.tokenizer, PROMPTS[:1], 8))
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
             assert time.monotonic() - killed_at < 90, "the stack did not serve again within 90 s"
@@ -125,7 +126,7 @@ def test_worker_ranks_as_single_services(tmp_path: Path, tiny_model: Path) -> No
         for svc in services:
             wait_status(svc, "SERVING")
         request = pb.GenerateRequest(tokens=pb.TokenIds(ids=[5, 6, 7, 8]),
-                                     sampling=pb.SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True))
+                                     sampling=pb.SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True))
         killed_at = time.monotonic()
         error = asyncio.run(kill_mid_stream(scheduler.target, request, workers[1].process.pid))
         assert error.code() == grpc.StatusCode.UNAVAILABLE

@@ -54,8 +54,8 @@ def ref_greedy(model, prompt: list[int], steps: int, repetition: float = 1.0, fr
     ids, out, past, feed = list(prompt), [], None, list(prompt)
     for _ in range(steps):
         with torch.no_grad():
-            result = model(torch.tensor([feed]), past_key_values=past, use_cache=True)
-        past = result.past_key_values
+            result = model(torch.tensor([feed]), cache=past, use_cache=True)
+        past = result.cache
         logits = result.logits[0, -1].float().clone()
         seen = sorted(set(ids))
         vals = logits[seen]
@@ -282,3 +282,23 @@ def test_metrics_expose_front_and_scheduler_numbers(default_stack, client, model
         assert name in m
     assert 0 < m["llmrpc_scheduler_kv_usage_ratio"] <= 1  # the prefix cache holds that prompt's pages
     assert m["llmrpc_scheduler_steps_total"] >= 3
+
+
+def test_scheduler_port_returns_the_same_logprobs_streamed_and_merged(default_stack) -> None:
+    import grpc
+
+    from llmrpc.v1 import generation_pb2, generation_pb2_grpc
+
+    sampling = generation_pb2.SamplingParams(max_tokens=4, temperature=0, logprobs=2)
+    with grpc.insecure_channel(default_stack.scheduler) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        streamed = list(stub.Generate(generation_pb2.GenerateRequest(
+            tokens=generation_pb2.TokenIds(ids=[1, 504, 3458, 282]), sampling=sampling), timeout=60))
+        (merged,) = list(stub.Generate(generation_pb2.GenerateRequest(
+            tokens=generation_pb2.TokenIds(ids=[1, 504, 3458, 282]), sampling=sampling, stream=False), timeout=60))
+    rows = [row for r in streamed for row in r.logprobs]
+    assert [r.token_id for r in rows] == [t for r in streamed for t in r.token_ids] == list(merged.token_ids)
+    assert list(merged.logprobs) == rows
+    for row in rows:
+        assert len(row.top) == 2 and row.top[0].token_id == row.token_id  # greedy takes the most likely
+        assert row.top[0].logprob == row.logprob >= row.top[1].logprob

@@ -204,6 +204,9 @@ class Launcher:
             return
         log.error("restarting the %s group with %s", dead.group, dead.name)
         for peer in peers:
+            code = peer.poll()
+            if code is not None:  # a survivor whose collective failed may have ended already
+                log.error("%s %s", peer.name, exit_cause(code))
             peer.stop()  # SIGTERM ends a rank even while it waits in a collective
             peer.process = None
             peer.next_start = dead.next_start

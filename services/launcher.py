@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -59,10 +60,11 @@ class Child:
     started_at: float = 0.0
     next_start: float = field(default=0.0)
     tls_root: bytes | None = None  # the health probe trusts this certificate (a TLS public port)
+    env: dict[str, str] | None = None  # extra environment (secrets stay out of the process list)
     group: str | None = None  # children of one group die and restart together (the TP ranks)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv)
+        self.process = subprocess.Popen(self.argv, env={**os.environ, **self.env} if self.env else None)
         self.started_at = time.monotonic()
 
     def poll(self) -> int | None:
@@ -132,6 +134,7 @@ class Launcher:
                           "--scheduler", f"127.0.0.1:{a.scheduler_port}", *self._public_flags()),
             f"127.0.0.1:{a.port}",
             tls_root=Path(a.tls_cert).read_bytes() if a.tls_cert else None,
+            env={"LLMRPC_API_KEY": a.api_key} if a.api_key else None,  # the tokenizer's --api-key default
         ))
         return children
 
@@ -140,8 +143,6 @@ class Launcher:
         flags: list[object] = ["--max-receive-bytes", a.max_receive_bytes]
         if a.tls_cert:
             flags += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
-        if a.api_key:
-            flags += ["--api-key", a.api_key]  # note: visible in the process list; prefer LLMRPC_API_KEY
         return flags
 
     def run(self) -> None:

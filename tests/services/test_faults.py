@@ -14,6 +14,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -311,3 +312,38 @@ def test_scheduler_killed_mid_stream(stack, certificates: Certificates, record_p
           f"NOT_SERVING after {not_serving:.2f} s; serving again {back_in:.1f} s after the scheduler restarted")
     record_property("scheduler_kill_streams_failed_s", failed_in)
     record_property("scheduler_restart_to_serving_s", back_in)
+
+
+def test_serve_with_tls_and_api_key(tmp_path, tiny_model, certificates: Certificates) -> None:
+    """`llmrpc serve` passes TLS and the key to its tokenizer (the key by environment) and probes it over TLS."""
+    port = free_port()
+    svc = service(tmp_path, "serve", "--model", tiny_model, "--device", "cpu", "--scheduler-port", free_port(),
+                  "--worker-port", free_port(), "--http-port", free_port(), "--tls-cert", certificates.cert,
+                  "--tls-key", certificates.key, "--api-key", API_KEY)
+    svc.target = f"127.0.0.1:{port}"
+    svc.argv[svc.argv.index("--port") + 1] = str(port)
+    creds = certificates.channel_credentials(client_cert=False)
+    try:
+        svc.start()
+        wait_status(svc, "SERVING", creds)
+
+        async def run():
+            results = []
+            for metadata in ((), KEY):
+                client = Client(svc.target, creds, metadata)
+                results.append(await client.stream(_tokens(4, 3)))
+                await client.channel.close()
+            return results
+
+        (refused, _, _), (ok, n, _) = asyncio.run(run())
+        assert refused == grpc.StatusCode.UNAUTHENTICATED and (ok, n) == (grpc.StatusCode.OK, 3)
+        children = _children(svc.process.pid)
+        assert len(children) == 3  # worker, scheduler, tokenizer
+        for pid in children:
+            assert API_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        svc.stop()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]

@@ -7,18 +7,17 @@ stays on the device), then prefill chunks (their tokens travel in the step).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 GREEDY = 0.0
 
 
-@dataclass(frozen=True)
-class SlotParams:
-    """Per-request sampling facts, sent once when a request takes a slot."""
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """A request's sampling facts, as the scheduler keeps them from admission to finish."""
 
-    slot: int
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
@@ -28,11 +27,27 @@ class SlotParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int = -1  # -1: none; 0: the sampled token's; N: plus top-N
-    prompt_tokens: tuple[int, ...] = ()  # only sent when a penalty needs the prompt
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= GREEDY
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class SlotParams(Sampling):
+    """Per-request sampling facts, sent once when a request takes a slot."""
+
+    slot: int
+    prompt_tokens: tuple[int, ...] = ()  # only sent when a penalty needs the prompt
+
+    @classmethod
+    def of(cls, sampling: Sampling, slot: int, prompt_tokens: tuple[int, ...] = ()) -> SlotParams:
+        facts = {f.name: getattr(sampling, f.name) for f in fields(Sampling)}
+        return cls(slot, prompt_tokens=prompt_tokens, **facts)
 
 
 def _i32(values: object = ()) -> np.ndarray:

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from llmrpc.engine.step import SlotParams
+from llmrpc.engine.step import Sampling, SlotParams
 
 if TYPE_CHECKING:
     from llmrpc.services.scheduler.radix import RadixNode
@@ -23,25 +23,6 @@ class AdmissionError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """The per-request sampling facts the worker needs: SlotParams minus the slot."""
-
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = -1  # -1 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    logprobs: int = -1  # -1: none; 0: the sampled token's; N: plus top-N
-
-    @property
-    def uses_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class RequestState(enum.Enum):
@@ -129,19 +110,7 @@ class Request:
         return len(self.prompt) + self.max_tokens - 1
 
     def slot_params(self, slot: int) -> SlotParams:
-        s = self.sampling
-        return SlotParams(
-            slot=slot,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            seed=s.seed,
-            logprobs=s.logprobs,
-            # The original prompt, so the worker can tell prompt from output even after a
-            # retraction re-prefills prompt + outputs so far.
-            prompt_tokens=self.prompt if s.uses_penalties else (),
-        )
+        # The original prompt, so the worker can tell prompt from output even after a
+        # retraction re-prefills prompt + outputs so far.
+        prompt = self.prompt if self.sampling.uses_penalties else ()
+        return SlotParams.of(self.sampling, slot, prompt)

@@ -8,16 +8,19 @@ for a row, on float32 logits:
    positive logits divided by it, negative ones multiplied), then frequency
    (times the token's output count) and presence (once per output token seen);
 2. greedy rows: argmax, done;
-3. divide by temperature, softmax, sort descending; keep tokens with
-   p >= min_p * p_max, then the top_k first, then (renormalized over what is left)
-   the shortest prefix whose mass reaches top_p;
-4. draw: one uniform number per row, through the inverse CDF of what is left
-   (in vocabulary order, with no sort, when a row filters nothing).
+3. rows that filter nothing (no top-k, top-p or min-p): the exponential race,
+   argmax(logits / T - log E) with E ~ Exp(1) per token (kernels/sampling.py):
+   one pass over the logits as they come (bf16 on a GPU), no softmax, no CDF;
+4. rows that filter: divide by temperature, softmax, sort descending; keep
+   tokens with p >= min_p * p_max, then the top_k first, then (renormalized over
+   what is left) the shortest prefix whose mass reaches top_p; draw one uniform
+   number through the inverse CDF of what is left.
 
-The uniform numbers come from a host-side generator per seeded slot (the
-engine's own generator for unseeded ones), so a seeded request draws the same
-tokens whatever else shares its batches. Logprobs are of the model's raw
-distribution (before penalties and temperature), as vLLM reports them.
+Randomness comes from a host-side generator per seeded slot (the engine's own
+generator for unseeded ones): one 64-bit race key or one uniform per row and
+step, so a seeded request draws the same tokens whatever else shares its
+batches. Logprobs are of the model's raw distribution (before penalties and
+temperature), as vLLM reports them.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ import numpy as np
 import torch
 
 from llmrpc.engine.step import SlotParams
+from llmrpc.kernels.sampling import race_sample
+
+_KEY_HIGH = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -92,6 +98,7 @@ class Sampler:
         self.logprobs = np.full(max_slots, -1, dtype=np.int64)
         self._rng = np.random.default_rng(seed)
         self._slot_rngs: dict[int, np.random.Generator] = {}
+        self.seeded = np.zeros(max_slots, dtype=bool)
         # [max_slots, vocab] history, allocated when the first request with a penalty arrives.
         self._prompt_mask: torch.Tensor | None = None
         self._output_counts: torch.Tensor | None = None
@@ -110,6 +117,7 @@ class Sampler:
             self._slot_rngs.pop(s, None)
         else:
             self._slot_rngs[s] = np.random.default_rng(p.seed)
+        self.seeded[s] = p.seed is not None
         self.penalized[s] = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         if self.penalized[s]:
             if self._output_counts is None:
@@ -124,50 +132,71 @@ class Sampler:
     def _rows(self, values: np.ndarray, slots: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(values[slots]).to(self.device, dtype, non_blocking=True)
 
+    def _keys(self, slots: np.ndarray, race: np.ndarray) -> np.ndarray:
+        """One race key per racing row: from the slot's own generator when seeded, else the engine's."""
+        keys = self._rng.integers(0, _KEY_HIGH, size=len(slots), dtype=np.int64)
+        for row in np.flatnonzero(self.seeded[slots] & race):
+            keys[row] = self._slot_rngs[int(slots[row])].integers(0, _KEY_HIGH, dtype=np.int64)
+        return keys
+
+    def _uniforms(self, slots: np.ndarray) -> np.ndarray:
+        return np.array([self._slot_rngs.get(int(s), self._rng).random() for s in slots])
+
     def sample(self, logits: torch.Tensor, slots: np.ndarray) -> SampleResult:
-        """Row i of `logits` [S, V] belongs to `slots[i]`; returns the sampled tokens on the device."""
-        logits = logits.float()
+        """Row i of `logits` [S, V] belongs to `slots[i]`; returns the sampled tokens on the device.
+
+        `logits` may be bf16: greedy and race rows read it as it is; only penalties, filters and
+        logprobs work on a float32 copy, so the common case never upcasts the [S, V] block.
+        """
         raw = logits
         rows = np.flatnonzero(self.penalized[slots])
         if len(rows):
             r, s = torch.from_numpy(rows).to(self.device, non_blocking=True), torch.from_numpy(slots[rows]).to(self.device, non_blocking=True)
-            logits = logits.clone()
+            logits = logits.to(torch.float32, copy=True)
             logits[r] = apply_penalties(logits[r], self._prompt_mask[s], self._output_counts[s],
                                         self._rows(self.repetition, slots[rows], torch.float32),
                                         self._rows(self.frequency, slots[rows], torch.float32),
                                         self._rows(self.presence, slots[rows], torch.float32))
-        greedy = self.temperature[slots] <= 0.0
+        temperature = self.temperature[slots]
+        greedy = temperature <= 0.0
+        filters = (self.top_k[slots] > 0) | (self.top_p[slots] < 1.0) | (self.min_p[slots] > 0.0)
+        race = ~greedy & ~filters
+        filtered = ~greedy & filters
         tokens = logits.argmax(dim=-1) if greedy.any() else None
-        if not greedy.all():
-            draw = np.flatnonzero(~greedy)
-            ds = slots[draw]
-            rows_logits = logits if len(draw) == len(slots) else logits[torch.from_numpy(draw).to(self.device, non_blocking=True)]
-            temperature = self._rows(self.temperature, ds, torch.float32)
-            if np.all(self.top_k[ds] <= 0) and np.all(self.top_p[ds] >= 1.0) and np.all(self.min_p[ds] <= 0.0):
-                # Nothing to filter: the inverse CDF in vocabulary order needs no sort, which would
-                # otherwise dominate the sampling of a large batch over a 150k vocabulary.
-                probs, ids = (rows_logits / temperature[:, None]).softmax(dim=-1), None
-            else:
-                probs, ids = filter_sorted(rows_logits, temperature,
-                                           self._rows(self.top_k, ds, torch.int64),
-                                           self._rows(self.top_p, ds, torch.float32),
-                                           self._rows(self.min_p, ds, torch.float32))
-            uniform = np.array([self._slot_rngs.get(int(s), self._rng).random() for s in ds])
-            cdf = probs.cumsum(dim=-1)
-            target = torch.from_numpy(uniform).to(self.device, torch.float32, non_blocking=True)[:, None] * cdf[:, -1:]
-            pick = torch.searchsorted(cdf, target, right=True).clamp_(max=self.vocab_size - 1)
-            drawn = (pick if ids is None else ids.gather(1, pick)).squeeze(1)
+        if race.any():
+            # Greedy and filtering rows race too (cheaper than gathering the racing rows' logits)
+            # and are then overwritten; their keys come from the engine's generator, so no seeded
+            # request's sequence moves.
+            inv_t = (1.0 / np.where(race, temperature, 1.0)).astype(np.float32)
+            keys = self._keys(slots, race)
+            drawn = race_sample(logits, torch.from_numpy(inv_t).to(self.device, non_blocking=True),
+                                torch.from_numpy(keys).to(self.device, non_blocking=True))
             if tokens is None:
                 tokens = drawn
             else:
-                tokens[torch.from_numpy(draw).to(self.device, non_blocking=True)] = drawn
+                tokens = torch.where(torch.from_numpy(race).to(self.device, non_blocking=True), drawn, tokens)
+        if filtered.any():
+            draw = np.flatnonzero(filtered)
+            ds = slots[draw]
+            idx = torch.from_numpy(draw).to(self.device, non_blocking=True)
+            probs, ids = filter_sorted(logits[idx].float(), self._rows(self.temperature, ds, torch.float32),
+                                       self._rows(self.top_k, ds, torch.int64),
+                                       self._rows(self.top_p, ds, torch.float32),
+                                       self._rows(self.min_p, ds, torch.float32))
+            cdf = probs.cumsum(dim=-1)
+            target = torch.from_numpy(self._uniforms(ds)).to(self.device, torch.float32, non_blocking=True)[:, None] * cdf[:, -1:]
+            pick = torch.searchsorted(cdf, target, right=True).clamp_(max=self.vocab_size - 1)
+            picked = ids.gather(1, pick).squeeze(1)
+            if tokens is None:
+                tokens = torch.empty(len(slots), dtype=torch.int64, device=logits.device)
+            tokens[idx] = picked
         if len(rows):
             self._output_counts.index_put_((s, tokens[r]), torch.ones(len(rows), dtype=torch.int32, device=self.device),
                                            accumulate=True)
         result = SampleResult(tokens)
         top_n = int(self.logprobs[slots].max(initial=-1))
         if top_n >= 0:
-            logp = raw.log_softmax(dim=-1)
+            logp = torch.log_softmax(raw, dim=-1, dtype=torch.float32)
             result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1)
             if top_n > 0:
                 result.top_logprobs, result.top_ids = logp.topk(top_n, dim=-1)

@@ -150,3 +150,47 @@ def test_invalid_parameters_are_refused() -> None:
                 SlotParams(0, repetition_penalty=0.0)):
         with pytest.raises(ValueError, match="invalid sampling parameters"):
             sampler.admit(bad)
+
+
+def test_race_draws_follow_softmax_over_temperature() -> None:
+    # Rows that filter nothing take the exponential race; its draws must be softmax(logits / T).
+    logits = torch.tensor([[1.0, -0.5, 2.0, 0.0, 0.7, -2.0, 1.5, 0.3]])
+    temperature, rows, steps = 0.6, 400, 50
+    sampler = Sampler(max_slots=rows, vocab_size=8, device="cpu", seed=7)
+    for slot in range(rows):
+        sampler.admit(SlotParams(slot, temperature=temperature))
+    counts = np.zeros(8)
+    for _ in range(steps):
+        counts += np.bincount(sampler.sample(logits.repeat(rows, 1), np.arange(rows)).tokens.numpy(), minlength=8)
+    expected = (logits[0] / temperature).softmax(-1).double().numpy() * rows * steps
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.32  # chi-square, 7 degrees of freedom, p = 0.001
+
+
+def test_race_rows_are_reproducible_beside_greedy_and_filtering_rows() -> None:
+    alone = Sampler(max_slots=8, vocab_size=1000, device="cpu", seed=0)
+    alone.admit(SlotParams(0, temperature=0.9, seed=11))
+    mixed = Sampler(max_slots=8, vocab_size=1000, device="cpu", seed=5)
+    mixed.admit(SlotParams(1, temperature=0.0))
+    mixed.admit(SlotParams(2, temperature=1.0, top_p=0.9, seed=3))
+    mixed.admit(SlotParams(4, temperature=0.9, seed=11))
+    mixed.admit(SlotParams(6, temperature=0.7, min_p=0.1))
+    first = _draws(alone, [0], 20, watched=0)
+    assert _draws(mixed, [1, 4, 2, 6], 20, watched=4) == first
+    # The greedy neighbour stayed exactly argmax throughout.
+    logits = _logits(4, seed=9, vocab=1000)
+    tokens = mixed.sample(logits, np.array([1, 4, 2, 6])).tokens
+    assert int(tokens[0]) == int(logits[0].argmax())
+
+
+def test_bf16_logits_sample_without_an_upcast_copy() -> None:
+    logits = _logits(3).to(torch.bfloat16)
+    sampler = Sampler(max_slots=4, vocab_size=VOCAB, device="cpu")
+    sampler.admit(SlotParams(0, temperature=0.0, logprobs=0))
+    sampler.admit(SlotParams(1, temperature=0.6))
+    sampler.admit(SlotParams(2, temperature=0.8, top_k=5))
+    result = sampler.sample(logits, np.array([0, 1, 2]))
+    assert int(result.tokens[0]) == int(logits[0].float().argmax())
+    assert int(result.tokens[2]) in logits[2].float().topk(5).indices.tolist()
+    assert result.logprobs.dtype == torch.float32
+    torch.testing.assert_close(result.logprobs, logits.float().log_softmax(-1).gather(1, result.tokens[:, None]).squeeze(1))

@@ -1,0 +1,125 @@
+"""Scheduling end to end with the real worker on a tiny model, through `llmrpc serve` processes.
+
+Token input goes straight to the scheduler port. Two properties of issue 3:
+- a load 4x larger than the KV pool gives every request the same greedy tokens it gets
+  alone, while the scheduler retracts and recomputes requests to make room;
+- a long shared system prompt is prefilled once: later questions report it as cached.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrpc.services.rpc import channel
+from llmrpc.v1 import generation_pb2 as pb
+from llmrpc.v1 import generation_pb2_grpc
+from tests.conftest import start_stack
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def tiny_model_4k(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A 2-layer random Llama with a 4096-token context and the default model's tokenizer files.
+
+    Wide weights (initializer_range 0.3) keep greedy logits far apart, so batching
+    differently can never flip an argmax through float noise.
+    """
+    import torch
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("tiny-llama-4k")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.3,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    tf.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (default_model_dir / name).exists():
+            (path / name).write_bytes((default_model_dir / name).read_bytes())
+    return path
+
+
+def _request(rid: str, prompt: list[int], max_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=rid, tokens=pb.TokenIds(ids=prompt),
+                              sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+async def _generate(stub: generation_pb2_grpc.GenerationStub, request: pb.GenerateRequest) -> tuple[list[int], pb.Usage]:
+    tokens: list[int] = []
+    usage = None
+    async for r in stub.Generate(request, timeout=120):
+        tokens += r.token_ids
+        if r.HasField("usage"):
+            usage = r.usage
+    return tokens, usage
+
+
+def _scheduler_counter(http: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{http}/metrics", timeout=10).read().decode()
+    match = re.search(rf"^llmrpc_scheduler_{name}_total (\S+)$", text, re.MULTILINE)
+    assert match, f"llmrpc_scheduler_{name}_total missing from /metrics"
+    return float(match.group(1))
+
+
+# 48 requests of 16..160 prompt tokens and 8..32 new ones need ~5,000 KV tokens at once;
+# the pool holds 1,280 (80 pages of 16), so they cannot all run together.
+NUM_REQUESTS = 48
+POOL_TOKENS = 1280
+
+
+def test_oversubscribed_load_matches_each_request_alone(tmp_path: Path, tiny_model_4k: Path) -> None:
+    rng = np.random.default_rng(3)
+    requests = [_request(f"r{i}", rng.integers(3, VOCAB, int(rng.integers(16, 161))).tolist(),
+                         int(rng.integers(8, 33))) for i in range(NUM_REQUESTS)]
+    demand = sum(len(r.tokens.ids) + r.sampling.max_tokens for r in requests)
+    assert demand >= 3.5 * POOL_TOKENS
+    stack = start_stack(tmp_path, tiny_model_4k, "--max-total-tokens", str(POOL_TOKENS))
+
+    async def run() -> tuple[list[list[int]], list[list[int]]]:
+        async with channel(stack.scheduler) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            together = await asyncio.gather(*(_generate(stub, r) for r in requests))
+            alone = [await _generate(stub, r) for r in requests]
+        return [t for t, _ in together], [t for t, _ in alone]
+
+    try:
+        together, alone = asyncio.run(run())
+        retractions = _scheduler_counter(stack.http, "retractions")
+    finally:
+        stack.stop()
+    assert [len(t) for t in together] == [r.sampling.max_tokens for r in requests]
+    assert together == alone
+    assert retractions > 0
+
+
+SYSTEM_TOKENS = 2000
+QUESTIONS = 8
+
+
+def test_shared_system_prompt_is_served_from_the_prefix_cache(tmp_path: Path, tiny_model_4k: Path) -> None:
+    rng = np.random.default_rng(4)
+    system = rng.integers(3, VOCAB, SYSTEM_TOKENS).tolist()
+    questions = [rng.integers(3, VOCAB, int(rng.integers(10, 40))).tolist() for _ in range(QUESTIONS)]
+    stack = start_stack(tmp_path, tiny_model_4k, "--max-total-tokens", "8192")
+
+    async def run() -> list[pb.Usage]:
+        async with channel(stack.scheduler) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            return [(await _generate(stub, _request(f"q{i}", system + q, 4)))[1] for i, q in enumerate(questions)]
+
+    try:
+        usages = asyncio.run(run())
+    finally:
+        stack.stop()
+    assert [u.prompt_tokens for u in usages] == [SYSTEM_TOKENS + len(q) for q in questions]
+    assert usages[0].cached_prompt_tokens == 0
+    assert all(u.cached_prompt_tokens >= 1900 for u in usages[1:]), [u.cached_prompt_tokens for u in usages]
+    assert all(u.completion_tokens == 4 for u in usages)

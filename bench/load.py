@@ -32,17 +32,16 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
-import platform
 import random
 import ssl
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from llmrpc.bench.record import commit, hardware
 
 WORDS = ("time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child",
          "eye", "woman", "place", "work", "week", "case", "point", "number", "group", "problem", "fact")
@@ -323,26 +322,6 @@ def summarize(outcomes: list[Outcome], jobs: list[Job], duration: float) -> dict
 
 
 # ---- report --------------------------------------------------------------------------
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def plot(report: dict, path: Path) -> None:

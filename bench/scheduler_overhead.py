@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmrpc.bench.record import commit, hardware
 from llmrpc.bench.fake_worker import FakeWorker, HashModel
 from llmrpc.services.protocol import encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
@@ -101,27 +99,6 @@ def measure(batch: int, steps: int, full_cache: bool = False, seed: int = 0) -> 
     }
 
 
-def _hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform()}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer batch sizes and steps (a smoke run)")
@@ -139,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "scheduler_overhead",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": _commit(),
-        "hardware": _hardware(),
+        "commit": commit(),
+        "hardware": hardware(numpy=np.__version__),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"prompt_len": PROMPT_LEN, "page_size": PAGE_SIZE, "steps": steps, "overlap": True,
                    "clock": "thread CPU time, median over steps"},

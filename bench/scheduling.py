@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from llmrpc.bench.scheduler_overhead import _commit, _hardware
+from llmrpc.bench.record import commit, hardware
 from llmrpc.services.client import check_health
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2 as pb
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "scheduling",
         "command": " ".join(["python -m llmrpc.bench.scheduling", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": _commit(),
-        "hardware": _hardware(),
+        "commit": commit(),
+        "hardware": hardware(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"model": "random Llama: 2 layers, hidden 64, 4 heads x 16, 2 KV heads, vocab 49152",
                    "device": "cpu", "dtype": "auto", "page_size": 16, "kv_pool_tokens": pool,

@@ -1,11 +1,15 @@
-"""Latency at idle through the full stack: single-stream decode speed and time to first token.
+"""Latency at idle: single-stream decode speed and time to first token, through the stack and the engine.
 
   decode  one request at a time: a 128-token prompt, 512 tokens out (ignore_eos);
           decode tokens/s = 511 / (time of the last token - time of the first)
   ttft    one request at a time: a 2,048-token prompt, 1 token out; the time from
           sending Generate to its first streamed message (median of several)
-Both call the scheduler's token-level Generate over gRPC, with `llmrpc worker` and
-`llmrpc scheduler` running as processes (bench/offline.py's Stack).
+
+stack   the scheduler's token-level Generate over gRPC, with `llmrpc worker` and `llmrpc
+        scheduler` running as processes (bench/offline.py's Stack), once per value of
+        --overlap-depths (the scheduler is restarted against the same worker)
+engine  the same two measurements with the scheduler core and ModelRunner in this process
+        (no gRPC, no processes): what the stack adds is the difference
 """
 from __future__ import annotations
 
@@ -20,7 +24,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmrpc.bench.offline import Stack, _row
+from llmrpc.bench.offline import Stack, _engine_config, _row, overlap_depths, run_engine_loop
+
+DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 128, 512, 2048
+
+
+def _prompts(rng: random.Random, repeats: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Warm-up, decode and TTFT prompts: fresh random ones each time, so no prefix-cache hit."""
+    def draw(n: int, length: int) -> list[list[int]]:
+        return [[rng.randint(0, 10000) for _ in range(length)] for _ in range(n)]
+
+    return draw(3, TTFT_PROMPT), draw(repeats, DECODE_PROMPT), draw(2 * repeats, TTFT_PROMPT)
+
+
+def _summary(decode: list[float], ttft: list[float]) -> dict:
+    return {"decode_tok_s": statistics.median(decode), "decode_all": decode,
+            "ttft_ms": 1e3 * statistics.median(ttft), "ttft_all_ms": [1e3 * t for t in ttft]}
 
 
 async def _stream(stub, pb, prompt: list[int], max_tokens: int, rid: str) -> list[float]:
@@ -36,59 +55,118 @@ async def _stream(stub, pb, prompt: list[int], max_tokens: int, rid: str) -> lis
     return times
 
 
-async def measure(target: str, repeats: int) -> dict:
+async def measure_stack(target: str, repeats: int, tag: str) -> dict:
     import grpc
 
     from llmrpc.v1 import generation_pb2 as pb
     from llmrpc.v1 import generation_pb2_grpc
 
-    rng = random.Random(0)
+    warm, decode_prompts, ttft_prompts = _prompts(random.Random(0), repeats)
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
-        for i in range(3):  # warm-up: JIT, graphs, allocator
-            await _stream(stub, pb, [rng.randint(0, 10000) for _ in range(2048)], 64, f"w{i}")
+        for i, p in enumerate(warm):  # JIT, graphs, allocator
+            await _stream(stub, pb, p, 64, f"{tag}w{i}")
         decode, ttft = [], []
-        for i in range(repeats):
-            times = await _stream(stub, pb, [rng.randint(0, 10000) for _ in range(128)], 512, f"d{i}")
-            assert len(times) == 512, len(times)
-            decode.append(511 / (times[-1] - times[0]))
-        for i in range(repeats * 2):
-            # A fresh random prompt each time: no prefix-cache hit.
-            times = await _stream(stub, pb, [rng.randint(0, 10000) for _ in range(2048)], 1, f"t{i}")
-            ttft.append(times[0])
-    return {"decode_tok_s": statistics.median(decode), "decode_all": decode,
-            "ttft_ms": 1e3 * statistics.median(ttft), "ttft_all_ms": [1e3 * t for t in ttft]}
+        for i, p in enumerate(decode_prompts):
+            times = await _stream(stub, pb, p, DECODE_TOKENS, f"{tag}d{i}")
+            assert len(times) == DECODE_TOKENS, len(times)
+            decode.append((DECODE_TOKENS - 1) / (times[-1] - times[0]))
+        for i, p in enumerate(ttft_prompts):
+            ttft.append((await _stream(stub, pb, p, 1, f"{tag}t{i}"))[0])
+    return _summary(decode, ttft)
+
+
+def measure_engine(args: argparse.Namespace) -> dict:
+    """The same requests through the scheduler core and ModelRunner in this process (one step in flight)."""
+    import torch
+
+    from llmrpc.engine.runner import ModelRunner
+    from llmrpc.services.scheduler.config import SchedulerConfig
+    from llmrpc.services.scheduler.request import Request, Sampling
+    from llmrpc.services.scheduler.scheduler import Scheduler
+
+    runner = ModelRunner(_engine_config(args))
+    info = runner.info
+    core = Scheduler(SchedulerConfig(num_pages=info.num_pages, page_size=info.page_size, max_slots=info.max_slots,
+                                     context_length=info.context_length, eos_token_ids=info.eos_token_ids,
+                                     max_prefill_tokens=args.max_prefill_tokens))
+
+    def one(prompt: list[int], max_tokens: int, rid: str) -> list[float]:
+        arrivals: list[float] = []
+        core.add_request(Request(rid, tuple(prompt), Sampling(temperature=0.0), max_tokens=max_tokens,
+                                 ignore_eos=True))
+        t0 = time.perf_counter()
+        run_engine_loop(runner, core, 1, on_event=lambda e: arrivals.extend(
+            [time.perf_counter() - t0] * len(e.token_ids)))
+        return arrivals
+
+    warm, decode_prompts, ttft_prompts = _prompts(random.Random(0), args.repeats)
+    for i, p in enumerate(warm):
+        one(p, 64, f"w{i}")
+    decode = []
+    for i, p in enumerate(decode_prompts):
+        times = one(p, DECODE_TOKENS, f"d{i}")
+        decode.append((DECODE_TOKENS - 1) / (times[-1] - times[0]))
+    ttft = [one(p, 1, f"t{i}")[0] for i, p in enumerate(ttft_prompts)]
+    del runner
+    torch.cuda.empty_cache()
+    return _summary(decode, ttft)
+
+
+def _rows(args: argparse.Namespace, system: str, m: dict, **extra) -> list[dict]:
+    command = " ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]])
+    decode = _row(args, system, m["decode_tok_s"], decode_tok_s_all=m["decode_all"], **extra)
+    decode.update(benchmark="latency", metric="single_stream_decode", command=command)
+    ttft = _row(args, system, 0.0, ttft_ms=round(m["ttft_ms"], 2), ttft_all_ms=m["ttft_all_ms"], **extra)
+    ttft.update(benchmark="latency", metric="ttft_2048", output_tokens_per_s=None, command=command)
+    return [decode, ttft]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
+    ap.add_argument("--systems", default="stack,engine")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
-    ap.add_argument("--disable-overlap", action="store_true")
+    ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--overlap-depths", type=overlap_depths, default=[1],
+                    help="the stack's scheduler --overlap-depth values to time, e.g. 1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     ap.add_argument("--log-dir", default=tempfile.gettempdir())
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    stack = Stack(args, port=50252)
-    try:
-        stack.wait_ready()
-        m = asyncio.run(measure(stack.target, args.repeats))
-    finally:
-        stack.close()
-    base = _row(args, "llmrpc-stack", m["decode_tok_s"], decode_tok_s_all=m["decode_all"])
-    base.update(benchmark="latency", metric="single_stream_decode", command=" ".join(
-        ["python -m llmrpc.bench.latency", *sys.argv[1:]]))
-    ttft = _row(args, "llmrpc-stack", 0.0, ttft_ms=round(m["ttft_ms"], 2), ttft_all_ms=m["ttft_all_ms"])
-    ttft.update(benchmark="latency", metric="ttft_2048", output_tokens_per_s=None, command=base["command"])
-    rows = [base, ttft]
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"single-stream decode: {m['decode_tok_s']:.0f} tok/s; TTFT(2048): {m['ttft_ms']:.1f} ms")
+    rows: list[dict] = []
+    table: list[tuple[str, dict]] = []
+
+    def record(name: str, system: str, m: dict, depth: int) -> None:
+        rows.extend(_rows(args, system, m, overlap_depth=depth))
+        table.append((name, m))
+        if args.out:  # after every measurement: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+
+    systems = args.systems.split(",")
+    if "stack" in systems:
+        stack = Stack(args, port=50252, overlap_depth=args.overlap_depths[0])
+        try:
+            for depth in args.overlap_depths:
+                if depth != stack.overlap_depth:
+                    stack.restart_scheduler(depth)
+                stack.wait_ready()
+                m = asyncio.run(measure_stack(stack.target, args.repeats, f"o{depth}-"))
+                print(f"stack, overlap depth {depth}: {m['decode_tok_s']:.0f} tok/s, TTFT {m['ttft_ms']:.1f} ms",
+                      flush=True)
+                record(f"stack depth {depth}", "llmrpc-stack", m, depth)
+        finally:
+            stack.close()
+    if "engine" in systems:
+        record("engine", "llmrpc-engine", measure_engine(args), 1)
+    print(f"\n{'system':<16}{'decode tok/s':>13}{'TTFT(2048) ms':>15}")
+    for name, m in table:
+        print(f"{name:<16}{m['decode_tok_s']:>13.0f}{m['ttft_ms']:>15.1f}")
 
 
 if __name__ == "__main__":

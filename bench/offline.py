@@ -1,8 +1,9 @@
 """Offline throughput on the nano-vllm / mini-sglang workload (bench/workload.py): output tokens/s.
 
 Systems, each timed on the same 256 requests (all submitted at once) after a warm-up:
-  engine    the scheduler core + ModelRunner in this process, no gRPC (one step in flight ahead)
+  engine    the scheduler core + ModelRunner in this process, no gRPC (one step in flight ahead; and none)
   stack     `llmrpc worker` + `llmrpc scheduler` processes; 256 concurrent Generate calls with tokens
+            (once per --overlap-depths value, the scheduler restarted against the same worker)
   hf        transformers continuous batching (generate with paged attention), per-request max_new_tokens
   roofline  bench/roofline.py's ceiling from bandwidth and matmul rates measured in this run
 Rows go to --out as JSON (a list), one per system.
@@ -21,12 +22,16 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from llmrpc.bench.workload import TEMPERATURE, Workload, offline_workload
 from llmrpc.engine.runner import PendingOutput
+
+if TYPE_CHECKING:
+    from llmrpc.services.scheduler.request import TokenEvent
 
 
 def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
@@ -46,16 +51,17 @@ def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
 def _engine_config(args: argparse.Namespace):
     from llmrpc.engine.config import EngineConfig
 
-    return EngineConfig(model_path=args.model, device="cuda", load_format="dummy", max_slots=args.max_running,
+    return EngineConfig(model_path=args.model, device=args.device, load_format="dummy", max_slots=args.max_running,
                         attention_backend=args.attention_backend, cuda_graph_max_bs=args.cuda_graph_max_bs,
                         max_context=args.max_context)
 
 
-def run_engine_loop(runner, core, overlap: bool, timeline: list | None = None) -> int:
-    """Drives `core` until every request finishes; returns the output tokens produced."""
+def run_engine_loop(runner, core, depth: int, timeline: list | None = None,
+                    on_event: Callable[[TokenEvent], None] | None = None) -> int:
+    """Drives `core` with up to `depth` steps in flight beyond the oldest unread one, until every
+    request finishes; returns the output tokens produced. `on_event` sees each token event as it lands."""
     in_flight: deque = deque()
     produced = 0
-    depth = 1 if overlap else 0
     while True:
         step = core.next_step()
         if step is None:
@@ -78,6 +84,8 @@ def run_engine_loop(runner, core, overlap: bool, timeline: list | None = None) -
             out = in_flight.popleft().result()
             for event in core.on_step_output(out.step_id, out.tokens):
                 produced += len(event.token_ids)
+                if on_event is not None:
+                    on_event(event)
             if step is None:
                 break
 
@@ -105,7 +113,7 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> dict:
     warm = core()
     for r in _requests(Workload([p[:200] for p in workload.prompts[:64]], [40] * 64), "warm"):
         warm.add_request(r)
-    run_engine_loop(runner, warm, not args.disable_overlap)
+    run_engine_loop(runner, warm, 0 if args.disable_overlap else 1)
     results = {}
     for overlap in ([False] if args.disable_overlap else [True, False]):
         c = core()
@@ -114,7 +122,7 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> dict:
         timeline: list = []
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        produced = run_engine_loop(runner, c, overlap, timeline)
+        produced = run_engine_loop(runner, c, int(overlap), timeline)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         assert produced == workload.output_tokens, (produced, workload.output_tokens)
@@ -144,28 +152,48 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> dict:
 # ---- (a) the full stack -----------------------------------------------------------------
 
 
-class Stack:
-    """`llmrpc worker` and `llmrpc scheduler` as child processes, the worker on a unix socket."""
+_CLI = [sys.executable, "-m", "llmrpc.services.cli"]
 
-    def __init__(self, args: argparse.Namespace, port: int = 50152) -> None:
+
+def overlap_depths(text: str) -> list[int]:
+    """`--overlap-depths 1,2,3`: the scheduler is restarted with each, against the same worker."""
+    depths = [int(d) for d in text.split(",")]
+    if not depths or min(depths) < 0:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of depths >= 0, got {text!r}")
+    return depths
+
+
+class Stack:
+    """`llmrpc worker` and `llmrpc scheduler` as child processes, the worker on a unix socket.
+
+    `restart_scheduler` swaps in a scheduler with another overlap depth; the worker (its
+    weights and CUDA graphs) stays, and takes the new scheduler's step stream.
+    """
+
+    def __init__(self, args: argparse.Namespace, port: int = 50152, overlap_depth: int = 1) -> None:
         self.args = args
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="llmrpc-bench-")
-        sock = f"{self.dir}/worker0.sock"
-        cli = [sys.executable, "-m", "llmrpc.services.cli"]
+        self._sock = f"{self.dir}/worker0.sock"
         log = open(f"{args.log_dir}/worker.log", "w")
         self.worker = subprocess.Popen(
-            [*cli, "worker", "--model", args.model, "--load-format", "dummy", "--device", args.device,
-             "--port", str(port + 8), "--unix-socket", sock, "--max-running-requests", str(args.max_running),
+            [*_CLI, "worker", "--model", args.model, "--load-format", "dummy", "--device", args.device,
+             "--port", str(port + 8), "--unix-socket", self._sock, "--max-running-requests", str(args.max_running),
              "--attention-backend", args.attention_backend, "--cuda-graph-max-bs", str(args.cuda_graph_max_bs),
              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        sched = [*cli, "scheduler", "--workers", f"unix:{sock}", "--port", str(port),
-                 "--max-prefill-tokens", str(args.max_prefill_tokens), "--log-level", "warning"]
-        if args.disable_overlap:
-            sched.append("--disable-overlap")
-        log = open(f"{args.log_dir}/scheduler.log", "w")
-        self.scheduler = subprocess.Popen(sched, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.scheduler: subprocess.Popen | None = None
+        self.restart_scheduler(overlap_depth)
         self.target = f"127.0.0.1:{port}"
+
+    def restart_scheduler(self, overlap_depth: int) -> None:
+        if self.scheduler is not None:
+            _stop(self.scheduler)
+        self.overlap_depth = overlap_depth
+        log = open(f"{self.args.log_dir}/scheduler-depth{overlap_depth}.log", "w")
+        self.scheduler = subprocess.Popen(
+            [*_CLI, "scheduler", "--workers", f"unix:{self._sock}", "--port", str(self.port),
+             "--max-prefill-tokens", str(self.args.max_prefill_tokens), "--overlap-depth", str(overlap_depth),
+             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
         from llmrpc.services.client import check_health
@@ -182,13 +210,17 @@ class Stack:
 
     def close(self) -> None:
         for p in (self.scheduler, self.worker):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in (self.scheduler, self.worker):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            _stop(p)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 async def generate_all(target: str, workload: Workload, prefix: str) -> tuple[int, float]:
@@ -217,17 +249,24 @@ async def generate_all(target: str, workload: Workload, prefix: str) -> tuple[in
 
 
 def bench_stack(args: argparse.Namespace, workload: Workload) -> list[dict]:
-    stack = Stack(args)
+    depths = [0] if args.disable_overlap else args.overlap_depths
+    stack = Stack(args, overlap_depth=depths[0])
+    rows = []
     try:
-        t = time.time()
-        stack.wait_ready()
-        print(f"stack ready in {time.time() - t:.0f}s", flush=True)
-        warm = Workload([p[:200] for p in workload.prompts[:64]], [40] * 64)
-        asyncio.run(generate_all(stack.target, warm, "warm"))
-        produced, wall = asyncio.run(generate_all(stack.target, workload, "r"))
-        assert produced == workload.output_tokens, (produced, workload.output_tokens)
-        print(f"stack: {wall:.2f}s", flush=True)
-        return [_row(args, "llmrpc-stack", produced / wall, overlap=not args.disable_overlap, wall_s=round(wall, 3))]
+        for depth in depths:
+            if depth != stack.overlap_depth:
+                stack.restart_scheduler(depth)
+            t = time.time()
+            stack.wait_ready()
+            print(f"stack (overlap depth {depth}) ready in {time.time() - t:.0f}s", flush=True)
+            warm = Workload([p[:200] for p in workload.prompts[:64]], [40] * 64)
+            asyncio.run(generate_all(stack.target, warm, f"warm{depth}-"))
+            produced, wall = asyncio.run(generate_all(stack.target, workload, f"r{depth}-"))
+            assert produced == workload.output_tokens, (produced, workload.output_tokens)
+            print(f"stack (overlap depth {depth}): {wall:.2f}s", flush=True)
+            rows.append(_row(args, "llmrpc-stack", produced / wall, overlap=depth > 0, overlap_depth=depth,
+                             wall_s=round(wall, 3)))
+        return rows
     finally:
         stack.close()
 
@@ -298,6 +337,8 @@ def main() -> None:
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--max-context", type=int, default=4096, help="the workload needs at most 2048")
     ap.add_argument("--disable-overlap", action="store_true")
+    ap.add_argument("--overlap-depths", type=overlap_depths, default=[1],
+                    help="the stack's scheduler --overlap-depth values to time, e.g. 1,2")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-deadline-s", type=float, default=150.0)
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
@@ -318,9 +359,10 @@ def main() -> None:
                                     "roofline": "roofline"}[name], 0.0, error=repr(exc)[:500]))
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"\n{'system':<18}{'overlap':<9}{'tok/s':>10}  wall_s")
+    print(f"\n{'system':<18}{'overlap':<9}{'depth':<7}{'tok/s':>10}  wall_s")
     for r in rows:
-        print(f"{r['system']:<18}{str(r.get('overlap', '')):<9}{r['output_tokens_per_s']:>10.0f}  {r.get('wall_s', '')}")
+        print(f"{r['system']:<18}{str(r.get('overlap', '')):<9}{str(r.get('overlap_depth', '')):<7}"
+              f"{r['output_tokens_per_s']:>10.0f}  {r.get('wall_s', '')}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ DEFAULT_TOKENIZER_PORT = 50051
 DEFAULT_SCHEDULER_PORT = 50052
 DEFAULT_WORKER_PORT = 50060
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_OVERLAP_DEPTH = 1
 
 
 def _env(name: str, default: object) -> object:
@@ -29,6 +30,13 @@ def _env(name: str, default: object) -> object:
         return int(value)
     if isinstance(default, float):
         return float(value)
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -92,7 +100,12 @@ def _add_scheduler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=_env("max_prefill_tokens", 8192))
     p.add_argument("--schedule-policy", default=_env("schedule_policy", "fcfs"), choices=["fcfs", "lpm"])
     p.add_argument("--check-kv-invariants", action="store_true", default=_env("check_kv_invariants", False))
-    p.add_argument("--disable-overlap", action="store_true", default=_env("disable_overlap", False))
+    p.add_argument("--overlap-depth", type=_non_negative_int,
+                   default=_env("overlap_depth", DEFAULT_OVERLAP_DEPTH),
+                   help="steps sent to the worker ahead of the oldest unread result (deeper hides the round "
+                        "trip from single streams; a finish is then seen that many steps late)")
+    p.add_argument("--disable-overlap", action="store_true", default=_env("disable_overlap", False),
+                   help="one step at a time (--overlap-depth 0), for ablation")
     p.add_argument("--max-queued-requests", type=int, default=_env("max_queued_requests", 1024),
                    help="waiting requests beyond this are refused at once with RESOURCE_EXHAUSTED (0: no bound)")
     p.add_argument("--max-prompt-tokens", type=int, default=_env("max_prompt_tokens", 0),
@@ -179,18 +192,21 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_scheduler(args: argparse.Namespace) -> None:
     from llmrpc.services.scheduler.server import SchedulerServiceConfig, serve
 
-    config = SchedulerServiceConfig(
-        workers=tuple(w.strip() for w in args.workers.split(",") if w.strip()),
-        host=args.host,
-        port=args.port,
-        max_prefill_tokens=args.max_prefill_tokens,
-        schedule_policy=args.schedule_policy,
-        check_invariants=args.check_kv_invariants,
-        overlap=not args.disable_overlap,
-        max_queued_requests=args.max_queued_requests,
-        max_prompt_tokens=args.max_prompt_tokens,
-        security=_security(args),
-    )
+    try:
+        config = SchedulerServiceConfig(
+            workers=tuple(w.strip() for w in args.workers.split(",") if w.strip()),
+            host=args.host,
+            port=args.port,
+            max_prefill_tokens=args.max_prefill_tokens,
+            schedule_policy=args.schedule_policy,
+            check_invariants=args.check_kv_invariants,
+            overlap_depth=0 if args.disable_overlap else args.overlap_depth,
+            max_queued_requests=args.max_queued_requests,
+            max_prompt_tokens=args.max_prompt_tokens,
+            security=_security(args),
+        )
+    except ValueError as exc:  # e.g. LLMRPC_OVERLAP_DEPTH=-1
+        raise SystemExit(f"llmrpc scheduler: {exc}") from None
     asyncio.run(serve(config))
 
 

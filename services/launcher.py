@@ -120,8 +120,7 @@ class Launcher:
                            "--max-queued-requests", a.max_queued_requests, "--max-prompt-tokens", a.max_prompt_tokens]
         if a.check_kv_invariants:
             scheduler_flags.append("--check-kv-invariants")
-        if a.disable_overlap:
-            scheduler_flags.append("--disable-overlap")
+        scheduler_flags += ["--overlap-depth", 0 if a.disable_overlap else a.overlap_depth]
         children.append(Child(
             "scheduler",
             self._service("scheduler", "--workers", ",".join(sockets), "--port", a.scheduler_port, *scheduler_flags),

@@ -20,11 +20,12 @@ retracted request's computed full pages go into the radix index, so its redo is
 mostly a cache hit, and it goes back to the front of the queue to be re-prefilled
 from prompt + outputs so far.
 
-With overlap, the servicer asks for step N+1 before step N's output is known, so
-nothing here needs the tokens of steps in flight: a request whose last prompt
-chunk is in flight already decodes (the worker feeds the sampled token), decode
-rows never exceed max_tokens (scheduled outputs are counted), a request's finish
-is seen one step late and the token sampled after it is dropped, and a retracted
+With overlap, the servicer asks for step N+1 (and with a deeper pipeline N+2, ...)
+before step N's output is known, so nothing here needs the tokens of steps in
+flight: a request whose last prompt chunk is in flight already decodes (the worker
+feeds the sampled token), decode rows never exceed max_tokens (scheduled outputs
+are counted), a request's finish is seen as many steps late as were in flight and
+the tokens sampled after it are dropped, and a retracted
 request is re-admitted only once its in-flight outputs are back. Pages and slots
 freed now may be reused by the very next step: the worker runs steps in order.
 """

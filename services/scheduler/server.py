@@ -2,8 +2,10 @@
 
 The servicer is thin: it validates requests, hands them to the core
 (`Scheduler`), and fans each step the core builds out to every worker rank over
-one long-lived Steps stream per rank. With overlap on, step N+1 is sent before
-step N's tokens are read, so the worker never waits for this process.
+one long-lived Steps stream per rank. With overlap on, up to `overlap_depth`
+steps are sent ahead of the oldest step whose tokens are not read yet, so the worker
+never waits for this process: depth 1 hides this process's step building, a deeper
+pipeline also hides the round trip, which bounds one stream's tokens/s.
 """
 from __future__ import annotations
 
@@ -46,12 +48,16 @@ class SchedulerServiceConfig:
     max_prefill_tokens: int = 8192
     schedule_policy: str = "fcfs"
     check_invariants: bool = False
-    overlap: bool = True
+    overlap_depth: int = 1  # steps sent ahead of the oldest unread result; 0: overlap off
     reconnect_interval_s: float = 0.5
     max_queued_requests: int = 1024  # waiting requests beyond this are refused with RESOURCE_EXHAUSTED
     max_prompt_tokens: int = 0  # longer prompts are INVALID_ARGUMENT; 0: only the context bounds them
     max_receive_bytes: int = rpc.PUBLIC_MAX_RECEIVE_BYTES  # clients that tokenize themselves call us directly
     security: Security = Security()  # TLS/mTLS on our port; its CA and cert also secure the worker links
+
+    def __post_init__(self) -> None:
+        if self.overlap_depth < 0:
+            raise ValueError(f"overlap_depth must be >= 0, got {self.overlap_depth}")
 
 
 class WorkerLost(Exception):
@@ -296,17 +302,17 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 max_prefill_tokens=self._config.max_prefill_tokens,
                 schedule_policy=self._config.schedule_policy,
                 check_invariants=self._config.check_invariants,
-                overlap=self._config.overlap,
+                overlap=self._config.overlap_depth > 0,
             )
         )
         self._ready.set()
-        log.info("connected to %d worker rank(s): %s, %d KV pages x %d tokens, %d slots",
+        log.info("connected to %d worker rank(s): %s, %d KV pages x %d tokens, %d slots, overlap depth %d",
                  len(infos), first.model_name, self._core.config.num_pages, first.page_size,
-                 self._core.config.max_slots)
+                 self._core.config.max_slots, self._config.overlap_depth)
 
     async def _drive(self, group: WorkerGroup) -> None:
         in_flight: deque = deque()
-        depth = 1 if self._config.overlap else 0  # steps left in flight while building the next
+        depth = self._config.overlap_depth  # steps left in flight while building the next
         core = self._core
         while True:
             step = core.next_step()

@@ -35,12 +35,12 @@ class Run:
     steps: int = 0
 
 
-def simulate(sched: Scheduler, worker: FakeWorker, arrivals: dict[int, list[Request]], overlap: bool,
+def simulate(sched: Scheduler, worker: FakeWorker, arrivals: dict[int, list[Request]], depth: int,
              aborts: dict[int, list[str]] | None = None) -> Run:
-    """Drives the core as the servicer does: with overlap, step N+1 is built before step N's output is read."""
+    """Drives the core as the servicer does: up to `depth` steps are built beyond the oldest unread output."""
+    assert depth == 0 or sched.config.overlap, "steps in flight need overlap in the core"
     arrivals = {t: list(reqs) for t, reqs in arrivals.items()}
     aborts = {t: list(ids) for t, ids in (aborts or {}).items()}
-    depth = 1 if overlap else 0
     run = Run()
     in_flight: deque = deque()
 
@@ -59,7 +59,7 @@ def simulate(sched: Scheduler, worker: FakeWorker, arrivals: dict[int, list[Requ
         for req in arrivals.pop(tick, []):
             sched.add_request(req)
         step = sched.next_step()
-        # Aborts land while up to two steps are in flight, as they can in the servicer.
+        # Aborts land while up to depth + 1 steps are in flight, as they can in the servicer.
         for rid in aborts.pop(tick, []):
             if rid not in run.finish:
                 sched.abort(rid)
@@ -115,13 +115,15 @@ def assert_no_leaks(sched: Scheduler) -> None:
 # 16 slots of requests needing ~11 pages each on average want ~176 pages; the pool has 44
 # (the largest request, 48 prompt + 39 new tokens, needs 22).
 SMALL_POOL = dict(num_pages=44, page_size=4, max_slots=16, max_prefill_tokens=24)
+# Steps in flight beyond the oldest unread output: none, the default one, and a deep pipeline.
+DEPTHS, DEPTH_IDS = [0, 1, 3], ["no-overlap", "overlap", "depth-3"]
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
-def test_200_requests_through_a_small_pool_match_their_outputs_alone(overlap: bool) -> None:
-    sched, worker = make(**SMALL_POOL, overlap=overlap)
+@pytest.mark.parametrize("depth", DEPTHS, ids=DEPTH_IDS)
+def test_200_requests_through_a_small_pool_match_their_outputs_alone(depth: int) -> None:
+    sched, worker = make(**SMALL_POOL, overlap=depth > 0)
     arrivals = random_requests(np.random.default_rng(1), 200, vocab=48, max_arrival=150)
-    run = simulate(sched, worker, arrivals, overlap)
+    run = simulate(sched, worker, arrivals, depth)
     for req in all_requests(arrivals):
         ref = expected(worker, req)
         assert run.tokens[req.request_id] == ref.output_ids, req.request_id
@@ -132,15 +134,15 @@ def test_200_requests_through_a_small_pool_match_their_outputs_alone(overlap: bo
     m = sched.metrics
     assert m.retractions > 0 and m.evicted_pages > 0 and m.cached_prompt_tokens > 0
     assert m.requests_finished.get("stop", 0) + m.requests_finished.get("length", 0) == 200
-    # Decode rows are never scheduled past max_tokens; only a stop seen a step late wastes one.
-    assert m.dropped_tokens <= (m.requests_finished.get("stop", 0) if overlap else 0)
+    # Decode rows are never scheduled past max_tokens; only a stop seen `depth` steps late wastes up to depth.
+    assert m.dropped_tokens <= m.requests_finished.get("stop", 0) * depth
     assert_no_leaks(sched)
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
-def test_aborts_at_random_points_leak_no_pages(overlap: bool) -> None:
+@pytest.mark.parametrize("depth", DEPTHS, ids=DEPTH_IDS)
+def test_aborts_at_random_points_leak_no_pages(depth: int) -> None:
     rng = np.random.default_rng(2)
-    sched, worker = make(**SMALL_POOL, overlap=overlap)
+    sched, worker = make(**SMALL_POOL, overlap=depth > 0)
     arrivals = random_requests(rng, 120, vocab=48, max_arrival=150)
     aborts: dict[int, list[str]] = defaultdict(list)
     aborted = set()
@@ -150,7 +152,7 @@ def test_aborts_at_random_points_leak_no_pages(overlap: bool) -> None:
                 aborts[t + int(rng.integers(0, 40))].append(req.request_id)
                 aborted.add(req.request_id)
     aborts[0].append("never-added")  # aborting an unknown id is a no-op
-    run = simulate(sched, worker, arrivals, overlap, aborts)
+    run = simulate(sched, worker, arrivals, depth, aborts)
     really_aborted = {rid for rid, reason in run.finish.items() if reason == "abort"}
     assert really_aborted and really_aborted <= aborted | {"never-added"}
     for req in all_requests(arrivals):
@@ -172,7 +174,7 @@ def test_a_2000_token_shared_prefix_is_computed_once(arrive: int) -> None:
     prefix = rng.integers(1, 5000, 2000).tolist()
     reqs = [Request(f"q{i}", prefix + rng.integers(1, 5000, int(rng.integers(10, 30))).tolist(),
                     max_tokens=8, ignore_eos=True) for i in range(8)]
-    run = simulate(sched, worker, {0: reqs[:1], arrive: reqs[1:]}, overlap=True)
+    run = simulate(sched, worker, {0: reqs[:1], arrive: reqs[1:]}, depth=1)
     assert run.usage["q0"][2] == 0
     for req in reqs:
         assert run.tokens[req.request_id] == expected(worker, req).output_ids
@@ -222,7 +224,7 @@ def test_a_request_needing_the_whole_pool_runs_alone_after_the_others() -> None:
     sched, worker = make(num_pages=8, page_size=4, max_slots=4)
     big = Request("big", list(range(1, 21)), max_tokens=13, ignore_eos=True)  # 32 positions = 8 pages
     small = [Request(f"s{i}", [i + 1, 2, 3], max_tokens=10, ignore_eos=True) for i in range(3)]
-    run = simulate(sched, worker, {0: small[:2], 1: [big], 2: small[2:]}, overlap=True)
+    run = simulate(sched, worker, {0: small[:2], 1: [big], 2: small[2:]}, depth=1)
     for req in small + [big]:
         assert run.tokens[req.request_id] == expected(worker, req).output_ids
     assert run.finish_order.index("big") > run.finish_order.index("s0")
@@ -236,7 +238,7 @@ def test_lpm_admits_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
         warm = Request("warm", shared + [20], max_tokens=2, ignore_eos=True)
         other = Request("other", [30, 31, 32, 33, 34], max_tokens=2, ignore_eos=True)
         sharing = Request("sharing", shared + [21, 22], max_tokens=2, ignore_eos=True)
-        run = simulate(sched, worker, {0: [warm], 1: [other, sharing]}, overlap=False)
+        run = simulate(sched, worker, {0: [warm], 1: [other, sharing]}, depth=0)
         assert run.finish_order == ["warm", first, ({"other", "sharing"} - {first}).pop()], policy
         assert run.usage["sharing"][2] == 16
 
@@ -290,7 +292,7 @@ def test_fail_all_errors_every_request_and_starts_empty() -> None:
     assert (sched.num_running, sched.num_waiting, sched.num_free_pages, sched.num_cached_pages) == (0, 0, 16, 0)
     worker = FakeWorker(16, 4, 2, worker.model)  # the worker restarts empty too
     req = Request("again", [1, 2, 3, 4, 5, 6], max_tokens=4, ignore_eos=True)
-    run = simulate(sched, worker, {0: [req]}, overlap=True)
+    run = simulate(sched, worker, {0: [req]}, depth=1)
     assert run.tokens["again"] == expected(worker, req).output_ids and run.usage["again"][2] == 0
 
 
@@ -307,6 +309,6 @@ def test_a_fully_cached_prompt_still_computes_its_last_position() -> None:
     sched, worker = make(num_pages=16, page_size=4, max_slots=2)
     first = Request("first", [3, 1, 4, 1, 5, 9, 2, 6], max_tokens=3, ignore_eos=True)
     again = Request("again", [3, 1, 4, 1, 5, 9, 2, 6], max_tokens=3, ignore_eos=True)
-    run = simulate(sched, worker, {0: [first], 10: [again]}, overlap=True)
+    run = simulate(sched, worker, {0: [first], 10: [again]}, depth=1)
     assert run.tokens["again"] == run.tokens["first"] == expected(worker, first).output_ids
     assert run.usage["again"] == (8, 3, 4)  # the second page holds the last prompt position: recomputed

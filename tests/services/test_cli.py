@@ -63,3 +63,15 @@ def test_service_commands_have_help(command: str, flag: str) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: llmrpc {command}")
     assert flag in done.stdout
+
+
+def test_a_negative_overlap_depth_is_refused_naming_the_flag() -> None:
+    done = llmrpc("scheduler", "--workers", dead_port(), "--overlap-depth", "-1", timeout=60)
+    assert done.returncode == 2 and "--overlap-depth: must be >= 0, got -1" in done.stderr, done.stderr
+
+
+def test_a_negative_overlap_depth_from_the_environment_is_refused() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMRPC_")} | {"LLMRPC_OVERLAP_DEPTH": "-2"}
+    done = subprocess.run([str(LLMRPC), "scheduler", "--workers", dead_port()], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 1 and "overlap_depth must be >= 0, got -2" in done.stderr, done.stderr

@@ -2,7 +2,8 @@
 
 Token input goes straight to the scheduler port. Two properties of issue 3:
 - a load 4x larger than the KV pool gives every request the same greedy tokens it gets
-  alone, while the scheduler retracts and recomputes requests to make room;
+  alone, while the scheduler retracts and recomputes requests to make room (with three
+  steps in flight);
 - a long shared system prompt is prefilled once: later questions report it as cached.
 """
 from __future__ import annotations
@@ -69,19 +70,22 @@ def _scheduler_counter(http: str, name: str) -> float:
     return float(match.group(1))
 
 
-# 48 requests of 16..160 prompt tokens and 8..32 new ones need ~5,000 KV tokens at once;
-# the pool holds 1,280 (80 pages of 16), so they cannot all run together.
+# 48 requests of 16..96 prompt tokens and 40..96 new ones need ~5,900 KV tokens at once;
+# the pool holds 1,280 (80 pages of 16), so they cannot all run together. Outputs are long
+# next to prompts: admission reserves only each running request's next page, so a full pool
+# of admitted prompts must outgrow it while decoding, however the arrivals interleave with steps.
 NUM_REQUESTS = 48
 POOL_TOKENS = 1280
 
 
 def test_oversubscribed_load_matches_each_request_alone(tmp_path: Path, tiny_model_4k: Path) -> None:
     rng = np.random.default_rng(3)
-    requests = [_request(f"r{i}", rng.integers(3, VOCAB, int(rng.integers(16, 161))).tolist(),
-                         int(rng.integers(8, 33))) for i in range(NUM_REQUESTS)]
+    requests = [_request(f"r{i}", rng.integers(3, VOCAB, int(rng.integers(16, 97))).tolist(),
+                         int(rng.integers(40, 97))) for i in range(NUM_REQUESTS)]
     demand = sum(len(r.tokens.ids) + r.sampling.max_tokens for r in requests)
     assert demand >= 3.5 * POOL_TOKENS
-    stack = start_stack(tmp_path, tiny_model_4k, "--max-total-tokens", str(POOL_TOKENS))
+    # Three steps in flight: retraction and finishes must hold with a deep pipeline too.
+    stack = start_stack(tmp_path, tiny_model_4k, "--max-total-tokens", str(POOL_TOKENS), "--overlap-depth", "3")
 
     async def run() -> tuple[list[list[int]], list[list[int]]]:
         async with channel(stack.scheduler) as ch:

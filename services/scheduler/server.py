@@ -48,7 +48,7 @@ class SchedulerServiceConfig:
     max_prefill_tokens: int = 8192
     schedule_policy: str = "fcfs"
     check_invariants: bool = False
-    overlap_depth: int = 1  # steps sent ahead of the oldest unread result; 0: overlap off
+    overlap_depth: int = 2  # steps sent ahead of the oldest unread result; 0: overlap off
     reconnect_interval_s: float = 0.5
     max_queued_requests: int = 1024  # waiting requests beyond this are refused with RESOURCE_EXHAUSTED
     max_prompt_tokens: int = 0  # longer prompts are INVALID_ARGUMENT; 0: only the context bounds them

@@ -6,7 +6,7 @@ The two figures of issue 3 that need the real worker:
    arrives (`--max-prefill-tokens 8192`, so 4 chunks of 8k). The worst inter-token gap of
    the 16 streams while it prefills is compared with one chunk's compute, measured alone:
    the first chunk (an 8k prompt) and the last, costliest one (8k new tokens after a cached
-   24k prefix: it attends to the whole prompt), and with the whole prompt's prefill alone.
+   24k prefix: it attends to the whole prompt), medians of 3, and with the whole prompt's prefill alone.
 2. Prefix cache: time to first token of 8 questions after one 2,000-token shared system
    prompt, sent one after another: the first prefills the system prompt, the rest reuse it.
 
@@ -45,6 +45,7 @@ VOCAB = 49152
 CONTEXT = 40960
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduling-cpu-tiny.json"
+PROBES = 3  # each chunk-alone figure is the median of this many: a shared 2-core machine is noisy
 
 
 def build_tiny_model(path: Path, tokenizer_dir: Path) -> Path:
@@ -142,16 +143,21 @@ async def measure_long_prompt_gap(target: str, prompt_len: int, chunk: int, stre
         stub = generation_pb2_grpc.GenerationStub(ch)
         # Alone first: the first chunk's compute (an 8k prompt) and the whole prefill.
         await _ttft(stub, _request("warm", rng.integers(3, VOCAB, 64).tolist(), 2))
-        chunk_alone, _ = await _ttft(stub, _request("chunk-alone", rng.integers(3, VOCAB, chunk).tolist(), 1))
+        first_chunks = [(await _ttft(stub, _request(f"chunk-alone{i}", rng.integers(3, VOCAB, chunk).tolist(), 1)))[0]
+                        for i in range(PROBES)]
         whole = rng.integers(3, VOCAB, prompt_len).tolist()
         whole_alone, _ = await _ttft(stub, _request("whole-alone", whole, 1))
         # The last chunk attends to the whole prompt, so it costs the most: measure it alone as
         # the cached first (prompt_len - chunk) tokens of `whole` plus `chunk` new ones.
-        last = whole[:prompt_len - chunk] + rng.integers(3, VOCAB, chunk).tolist()
-        last_chunk_alone, usage = await _ttft(stub, _request("last-chunk-alone", last, 1))
-        if usage.cached_prompt_tokens != prompt_len - chunk:
-            raise RuntimeError(f"the last-chunk probe found {usage.cached_prompt_tokens} cached tokens, "
-                               f"not {prompt_len - chunk}")
+        last_chunks = []
+        for i in range(PROBES):
+            last = whole[:prompt_len - chunk] + rng.integers(3, VOCAB, chunk).tolist()
+            seconds, usage = await _ttft(stub, _request(f"last-chunk-alone{i}", last, 1))
+            if usage.cached_prompt_tokens != prompt_len - chunk:
+                raise RuntimeError(f"the last-chunk probe found {usage.cached_prompt_tokens} cached tokens, "
+                                   f"not {prompt_len - chunk}")
+            last_chunks.append(seconds)
+        chunk_alone, last_chunk_alone = statistics.median(first_chunks), statistics.median(last_chunks)
 
         arrivals: list[list[float]] = [[] for _ in range(streams)]
         calls = [stub.Generate(_request(f"s{i}", rng.integers(3, VOCAB, 32).tolist(), 4000))
@@ -195,6 +201,8 @@ async def measure_long_prompt_gap(target: str, prompt_len: int, chunk: int, stre
         "prompt_tokens": prompt_len, "max_prefill_tokens": chunk, "streams": streams,
         "first_chunk_alone_s": chunk_alone,
         "last_chunk_alone_s": last_chunk_alone,
+        "first_chunk_alone_all_s": first_chunks,
+        "last_chunk_alone_all_s": last_chunks,
         "whole_prompt_alone_s": whole_alone,
         "long_prompt_ttft_under_load_s": under_load,
         "median_gap_before_s": statistics.median(before),

@@ -78,8 +78,6 @@ async def measure_stack(target: str, repeats: int, tag: str) -> dict:
 
 def measure_engine(args: argparse.Namespace) -> dict:
     """The same requests through the scheduler core and ModelRunner in this process (one step in flight)."""
-    import torch
-
     from llmrpc.engine.runner import ModelRunner
     from llmrpc.services.scheduler.config import SchedulerConfig
     from llmrpc.services.scheduler.request import Request, Sampling
@@ -108,8 +106,6 @@ def measure_engine(args: argparse.Namespace) -> dict:
         times = one(p, DECODE_TOKENS, f"d{i}")
         decode.append((DECODE_TOKENS - 1) / (times[-1] - times[0]))
     ttft = [one(p, 1, f"t{i}")[0] for i, p in enumerate(ttft_prompts)]
-    del runner
-    torch.cuda.empty_cache()
     return _summary(decode, ttft)
 
 
@@ -132,7 +128,7 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--max-context", type=int, default=4096)
-    ap.add_argument("--overlap-depths", type=overlap_depths, default=[1],
+    ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
                     help="the stack's scheduler --overlap-depth values to time, e.g. 1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

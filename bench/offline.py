@@ -170,7 +170,7 @@ class Stack:
     weights and CUDA graphs) stays, and takes the new scheduler's step stream.
     """
 
-    def __init__(self, args: argparse.Namespace, port: int = 50152, overlap_depth: int = 1) -> None:
+    def __init__(self, args: argparse.Namespace, port: int = 50152, overlap_depth: int = 2) -> None:
         self.args = args
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="llmrpc-bench-")
@@ -337,7 +337,7 @@ def main() -> None:
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--max-context", type=int, default=4096, help="the workload needs at most 2048")
     ap.add_argument("--disable-overlap", action="store_true")
-    ap.add_argument("--overlap-depths", type=overlap_depths, default=[1],
+    ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
                     help="the stack's scheduler --overlap-depth values to time, e.g. 1,2")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-deadline-s", type=float, default=150.0)

@@ -10,9 +10,8 @@ The two figures of issue 3 that need the real worker:
 2. Prefix cache: time to first token of 8 questions after one 2,000-token shared system
    prompt, sent one after another: the first prefills the system prompt, the rest reuse it.
 
-The model (2 layers, hidden 64, 4 heads of 16, 2 KV heads, 40k context) is built here with
-transformers and the default model's tokenizer files; the stack is started and stopped
-by this script.
+The model (bench/tiny_model.py, with a 40k context) is built here with transformers and the
+default model's tokenizer files; the stack is started and stopped by this script.
 
   python -m llmrpc.bench.scheduling [--quick] [--out bench/results/scheduling-cpu-tiny.json]
 """
@@ -22,11 +21,8 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,85 +32,15 @@ import grpc
 import numpy as np
 
 from llmrpc.bench.record import commit, hardware
-from llmrpc.services.client import check_health
+from llmrpc.bench.tiny_model import DESCRIPTION, VOCAB, build_tiny_llama
+from llmrpc.services.local_stack import LocalStack
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
 
-VOCAB = 49152
 CONTEXT = 40960
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduling-cpu-tiny.json"
 PROBES = 3  # each chunk-alone figure is the median of this many: a shared 2-core machine is noisy
-
-
-def build_tiny_model(path: Path, tokenizer_dir: Path) -> Path:
-    """A random 2-layer Llama saved as safetensors, with `tokenizer_dir`'s tokenizer files."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            max_position_embeddings=CONTEXT, tie_word_embeddings=True, initializer_range=0.3,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    tf.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            (path / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    """`llmrpc serve` in its own process group, stopped (SIGINT, then SIGKILL) on exit."""
-
-    def __init__(self, model: Path, log_path: Path, *extra: str) -> None:
-        port, self.scheduler_port = _free_port(), _free_port()
-        self.tokenizer = f"127.0.0.1:{port}"
-        self.scheduler = f"127.0.0.1:{self.scheduler_port}"
-        argv = [sys.executable, "-m", "llmrpc.services.cli", "serve", "--model", str(model), "--device", "cpu",
-                "--port", str(port), "--scheduler-port", str(self.scheduler_port),
-                "--worker-port", str(_free_port()), "--http-port", str(_free_port()), *extra]
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not check_health(self.tokenizer, timeout=1.0):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llmrpc serve did not come up:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-    def __enter__(self) -> "ServeProcess":
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _request(rid: str, prompt: list[int], max_tokens: int) -> pb.GenerateRequest:
@@ -248,10 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="llmrpc-bench-") as tmp:
-        model = build_tiny_model(Path(tmp) / "tiny-llama", ensure_default_model(default_cache_dir()))
+        model = build_tiny_llama(Path(tmp) / "tiny-llama", ensure_default_model(default_cache_dir()), CONTEXT)
         pool = 2 * prompt_len + 16 * 4096
-        with ServeProcess(model, Path(tmp) / "serve.log", "--max-prefill-tokens", str(chunk),
-                          "--max-total-tokens", str(pool)) as stack:
+        with LocalStack.start(Path(tmp), model, "--max-prefill-tokens", str(chunk),
+                              "--max-total-tokens", str(pool)) as stack:
             gap = asyncio.run(measure_long_prompt_gap(stack.scheduler, prompt_len, chunk, streams, rng))
             prefix = asyncio.run(measure_shared_prefix(stack.scheduler, system_len, questions, rng))
 
@@ -272,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": commit(),
         "hardware": hardware(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"model": "random Llama: 2 layers, hidden 64, 4 heads x 16, 2 KV heads, vocab 49152",
+        "config": {"model": DESCRIPTION,
                    "device": "cpu", "dtype": "auto", "page_size": 16, "kv_pool_tokens": pool,
                    "overlap": True},
         "results": [gap, prefix],

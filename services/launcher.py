@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmrpc.services.client import check_health
+from llmrpc.services.rpc import free_port
 
 log = logging.getLogger("llmrpc.serve")
 
@@ -36,12 +36,6 @@ def exit_cause(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -102,7 +96,7 @@ class Launcher:
         ]
         if a.tp > 1:
             # Rank 0 hosts the rendezvous; a restarted group meets at the same address.
-            engine_flags += ["--dist-init-addr", a.dist_init_addr or f"127.0.0.1:{_free_port()}"]
+            engine_flags += ["--dist-init-addr", a.dist_init_addr or f"127.0.0.1:{free_port()}"]
         children = []
         sockets = []
         for rank in range(a.tp):

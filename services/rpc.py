@@ -9,6 +9,7 @@ the front door buffer a huge request.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -111,3 +112,10 @@ def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
     if credentials is not None and not target.startswith("unix:"):
         return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (another process may still take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

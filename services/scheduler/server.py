@@ -10,7 +10,6 @@ pipeline also hides the round trip, which bounds one stream's tokens/s.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import uuid
 from collections import deque
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrpc.services import rpc
 from llmrpc.services.auth import Security

@@ -19,11 +19,10 @@ import pytest
 import yaml
 
 from llmrpc.services.cli import build_parser, default_cache_dir
-from llmrpc.services.rpc import channel
+from llmrpc.services.rpc import channel, free_port
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
 
-from ..conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

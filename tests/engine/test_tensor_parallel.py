@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from llmrpc.engine.config import EngineConfig
 from llmrpc.engine.runner import ModelRunner
 from llmrpc.engine.step import SlotParams, Step
+from llmrpc.services.rpc import free_port
 
 PAGE = 4
 DECODE_STEPS = 8
@@ -112,16 +112,10 @@ def one_rank(tiny_models: dict[str, Path]) -> dict[str, dict]:
     return {kind: _run(path) for kind, path in tiny_models.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(size: int, model_dirs: list[Path]) -> list[list[dict]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(r, size, [str(d) for d in model_dirs], addr, results))
              for r in range(size)]
     for p in procs:

@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,39 +17,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import Stack, start_stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+from llmrpc.bench.tiny_model import build_tiny_llama
+from llmrpc.services.local_stack import LocalStack
+from llmrpc.services.rpc import free_port
+from tests.conftest import start_stack
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
-    """A 2-layer random Llama at the default model's vocabulary, with its tokenizer files.
-
-    Weights are drawn wide (initializer_range 0.3) so greedy logits are far apart:
-    batching must never flip an argmax through float noise.
-    """
-    import torch
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.3,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        if (default_model_dir / name).exists():
-            (path / name).write_bytes((default_model_dir / name).read_bytes())
-    return path
+    """llmrpc.bench.tiny_model's random Llama with a 2,048-token context."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir, 2048)
 
 
 TINY_MAX_PROMPT_TOKENS = 1024
@@ -58,7 +34,7 @@ TINY_MAX_RECEIVE_BYTES = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def tiny_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Stack:
+def tiny_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> LocalStack:
     """`llmrpc serve` on the tiny model: 128 slots, 1024 KV pages of 16 tokens, small input limits."""
     stack = start_stack(tmp_path_factory.mktemp("tiny-stack"), tiny_model,
                         "--max-running-requests", "128", "--max-total-tokens", "16384",

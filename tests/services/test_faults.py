@@ -22,7 +22,8 @@ import pytest
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
-from tests.services.conftest import Certificates, free_port, health_status, service, wait_status
+from llmrpc.services.rpc import free_port
+from tests.services.conftest import Certificates, health_status, service, wait_status
 
 API_KEY = "test-key-0123456789"
 SECRET_PROMPT = "my card number is 4111-1111 and my zebra is quasar"

@@ -18,7 +18,9 @@ from llmrpc.services.client import build_request, check_health
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2_grpc
 
-from ..conftest import Stack, start_stack
+from llmrpc.services.local_stack import LocalStack
+
+from ..conftest import start_stack
 
 PROMPT = "Write one sentence about rivers."
 
@@ -52,7 +54,7 @@ def process_group(pgid: int) -> dict[int, str]:
     return found
 
 
-def services_of(stack: Stack) -> dict[str, list[int]]:
+def services_of(stack: LocalStack) -> dict[str, list[int]]:
     """pids of the stack's service processes by service name, found by command line."""
     found: dict[str, list[int]] = {"worker": [], "scheduler": [], "tokenizer": []}
     for pid, cmdline in process_group(stack.process.pid).items():
@@ -84,7 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path):
     stack.stop()
 
 
-def test_killed_worker_is_restarted_and_the_stack_serves_again(stack: Stack) -> None:
+def test_killed_worker_is_restarted_and_the_stack_serves_again(stack: LocalStack) -> None:
     before = asyncio.run(greedy_text(stack.tokenizer))
     assert before
     (worker,) = services_of(stack)["worker"]
@@ -122,7 +124,7 @@ def test_killed_worker_is_restarted_and_the_stack_serves_again(stack: Stack) -> 
     assert check_health(stack.scheduler) and check_health(stack.workers[0])
 
 
-def test_sigint_stops_every_process(stack: Stack) -> None:
+def test_sigint_stops_every_process(stack: LocalStack) -> None:
     pgid = stack.process.pid
     running = services_of(stack)
     assert all(len(pids) == 1 for pids in running.values()), running

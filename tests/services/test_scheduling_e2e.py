@@ -16,36 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmrpc.bench.tiny_model import VOCAB, build_tiny_llama
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
 from tests.conftest import start_stack
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-VOCAB = 49152
-
 
 @pytest.fixture(scope="module")
 def tiny_model_4k(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
-    """A 2-layer random Llama with a 4096-token context and the default model's tokenizer files.
-
-    Wide weights (initializer_range 0.3) keep greedy logits far apart, so batching
-    differently can never flip an argmax through float noise.
-    """
-    import torch
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("tiny-llama-4k")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                            max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.3,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    tf.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (default_model_dir / name).exists():
-            (path / name).write_bytes((default_model_dir / name).read_bytes())
-    return path
+    """llmrpc.bench.tiny_model's random Llama with a 4,096-token context: the shared-prefix test needs over 2,048."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4k"), default_model_dir, 4096)
 
 
 def _request(rid: str, prompt: list[int], max_tokens: int) -> pb.GenerateRequest:

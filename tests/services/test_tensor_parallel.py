@@ -18,12 +18,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmrpc.services.client import build_request, check_health
+from llmrpc.services.client import build_request
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
-from tests.conftest import Stack, start_stack
-from tests.services.conftest import free_port, health_status, service, wait_status
+from llmrpc.services.local_stack import LocalStack
+from llmrpc.services.rpc import free_port
+from tests.conftest import start_stack
+from tests.services.conftest import health_status, service, wait_status
 from tests.services.test_launcher import process_group, wait_for
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Count from one to five."]
@@ -54,7 +56,7 @@ async def kill_mid_stream(target: str, request: pb.GenerateRequest, pid: int) ->
         return error.value
 
 
-def worker_rank_pids(stack: Stack) -> dict[int, int]:
+def worker_rank_pids(stack: LocalStack) -> dict[int, int]:
     """rank -> pid of the stack's worker processes."""
     ranks = {}
     for pid, cmdline in process_group(stack.process.pid).items():
@@ -71,7 +73,7 @@ def tp3_stack(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path)
     stack.stop()
 
 
-def test_tp3_answers_token_for_token_as_tp1(tp3_stack: Stack, default_stack: Stack) -> None:
+def test_tp3_answers_token_for_token_as_tp1(tp3_stack: LocalStack, default_stack: LocalStack) -> None:
     one = asyncio.run(greedy_tokens(default_stack.tokenizer, PROMPTS))
     three = asyncio.run(greedy_tokens(tp3_stack.tokenizer, PROMPTS))
     assert [len(t) for t in one] == [MAX_TOKENS] * len(PROMPTS)
@@ -84,7 +86,7 @@ def test_tp3_answers_token_for_token_as_tp1(tp3_stack: Stack, default_stack: Sta
     assert asyncio.run(info()).tp_size == 3
 
 
-def test_killed_rank_fails_streams_and_the_group_restarts(tp3_stack: Stack) -> None:
+def test_killed_rank_fails_streams_and_the_group_restarts(tp3_stack: LocalStack) -> None:
     before = asyncio.run(greedy_tokens(tp3_stack.tokenizer, PROMPTS[:1], 8))
     ranks = worker_rank_pids(tp3_stack)
     assert sorted(ranks) == [0, 1, 2]

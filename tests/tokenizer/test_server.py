@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,18 +21,13 @@ import pytest
 
 from llmrpc.services import rpc
 from llmrpc.services.client import build_request, chat_repl, check_health, generate_text
+from llmrpc.services.rpc import free_port
 from llmrpc.services.tokenizer.server import TokenizerConfig, start
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc
 
 PROMPT = "The three most important inventions of the nineteenth century were"
 REFERENCE_TOKENS = 40
 LONG = 4000  # max_tokens of requests that must be cut short: minutes of decoding on a CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def collect(target: str, request: generation_pb2.GenerateRequest) -> list[generation_pb2.GenerateResponse]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from llmrpc.bench.record import hardware
 from llmrpc.bench.workload import TEMPERATURE, Workload, offline_workload
 from llmrpc.engine.runner import PendingOutput
 
@@ -35,10 +36,10 @@ if TYPE_CHECKING:
 
 
 def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
         "benchmark": "offline", "model": Path(args.model).name, "system": system,
-        "output_tokens_per_s": round(tok_s, 1), "tp": 1,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "output_tokens_per_s": round(tok_s, 1), "tp": 1, "gpu": gpu, "hardware": hardware(gpu=gpu),
         "command": " ".join(["python -m llmrpc.bench.offline", *sys.argv[1:]]),
         "commit": args.commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -70,12 +70,13 @@ def main() -> None:
     for slot in range(args.rows):
         sampler.admit(SlotParams(slot, temperature=args.temperature))
     slots = np.arange(args.rows)
+    positions = np.full(args.rows, 512)
     rng = np.random.default_rng(0)
     report: dict = {"rows": args.rows, "vocab": args.vocab, "dtype": "bfloat16", "temperature": args.temperature,
                     "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["median_ms"] = {
         "before": time_ms(lambda: before(logits, temperature, rng), args.iters),
-        "sampler": time_ms(lambda: sampler.sample(logits, slots), args.iters),
+        "sampler": time_ms(lambda: sampler.sample(logits, slots, positions), args.iters),
         "race_kernel": time_ms(lambda: race_sample(logits, inv_t, keys), args.iters),
         "race_torch": time_ms(lambda: race_sample_torch(logits, inv_t, keys), args.iters),
         "greedy": time_ms(lambda: logits.argmax(dim=-1), args.iters),

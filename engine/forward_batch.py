@@ -25,6 +25,7 @@ class ForwardBatch:
     attention: AttentionMetadata
     sample_indices: torch.Tensor  # int64 [S] tokens whose logits are sampled (each row's last)
     sample_slots: np.ndarray  # int64 [S] the slot of each sampled row
+    sample_positions: np.ndarray  # int64 [S] where each sampled token goes in its sequence (tokens before it)
     graph_size: int = 0  # the captured CUDA-graph batch size this step replays; 0: eager
 
     @property
@@ -86,4 +87,4 @@ class ForwardBatch:
             out_loc=out_loc,
             positions=d_positions,
         )
-        return cls(step.step_id, input_ids, d_positions, attention, d_sample, slots[sample_rows])
+        return cls(step.step_id, input_ids, d_positions, attention, d_sample, slots[sample_rows], kv_lens[sample_rows])

@@ -180,7 +180,7 @@ class ModelRunner:
         slots = batch.sample_slots
         if len(slots) == 0:
             return PendingOutput(batch.step_id, {}, None)
-        result = self.sampler.sample(logits, slots)
+        result = self.sampler.sample(logits, slots, batch.sample_positions)
         # Ranks must agree on the tokens: rank 0's draw is everyone's.
         tokens = self.tp.broadcast(result.tokens)
         self.last_tokens[torch.from_numpy(slots).to(self.device, non_blocking=True)] = tokens

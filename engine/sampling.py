@@ -16,10 +16,10 @@ for a row, on float32 logits:
    what is left) the shortest prefix whose mass reaches top_p; draw one uniform
    number through the inverse CDF of what is left.
 
-Randomness comes from a host-side generator per seeded slot (the engine's own
-generator for unseeded ones): one 64-bit race key or one uniform per row and
-step, so a seeded request draws the same tokens whatever else shares its
-batches. Logprobs are of the model's raw distribution (before penalties and
+Randomness is one 64-bit race key or one uniform per row and step. A seeded
+request's comes from a generator keyed by (seed, position of the sampled token),
+so it draws the same tokens whatever else shares its batches, and also when it is
+retracted and recomputed; unseeded rows use the engine's own generator. Logprobs are of the model's raw distribution (before penalties and
 temperature), as vLLM reports them.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Sampler:
         self.penalized = np.zeros(max_slots, dtype=bool)
         self.logprobs = np.full(max_slots, -1, dtype=np.int64)
         self._rng = np.random.default_rng(seed)
-        self._slot_rngs: dict[int, np.random.Generator] = {}
+        self.seeds = np.zeros(max_slots, dtype=np.uint64)
         self.seeded = np.zeros(max_slots, dtype=bool)
         # [max_slots, vocab] history, allocated when the first request with a penalty arrives.
         self._prompt_mask: torch.Tensor | None = None
@@ -113,10 +113,7 @@ class Sampler:
         self.repetition[s], self.presence[s], self.frequency[s] = (
             p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
         self.logprobs[s] = p.logprobs
-        if p.seed is None:
-            self._slot_rngs.pop(s, None)
-        else:
-            self._slot_rngs[s] = np.random.default_rng(p.seed)
+        self.seeds[s] = p.seed or 0
         self.seeded[s] = p.seed is not None
         self.penalized[s] = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         if self.penalized[s]:
@@ -132,18 +129,25 @@ class Sampler:
     def _rows(self, values: np.ndarray, slots: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(values[slots]).to(self.device, dtype, non_blocking=True)
 
-    def _keys(self, slots: np.ndarray, race: np.ndarray) -> np.ndarray:
-        """One race key per racing row: from the slot's own generator when seeded, else the engine's."""
+    def _draw_rng(self, slot: int, position: int) -> np.random.Generator:
+        """The generator of one draw: (seed, position) for a seeded slot, else the engine's own."""
+        if self.seeded[slot]:
+            return np.random.default_rng((int(self.seeds[slot]), int(position)))
+        return self._rng
+
+    def _keys(self, slots: np.ndarray, positions: np.ndarray, race: np.ndarray) -> np.ndarray:
+        """One race key per row; a seeded racing row's comes from its own (seed, position)."""
         keys = self._rng.integers(0, _KEY_HIGH, size=len(slots), dtype=np.int64)
         for row in np.flatnonzero(self.seeded[slots] & race):
-            keys[row] = self._slot_rngs[int(slots[row])].integers(0, _KEY_HIGH, dtype=np.int64)
+            keys[row] = self._draw_rng(int(slots[row]), int(positions[row])).integers(0, _KEY_HIGH, dtype=np.int64)
         return keys
 
-    def _uniforms(self, slots: np.ndarray) -> np.ndarray:
-        return np.array([self._slot_rngs.get(int(s), self._rng).random() for s in slots])
+    def _uniforms(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return np.array([self._draw_rng(int(s), int(p)).random() for s, p in zip(slots, positions)])
 
-    def sample(self, logits: torch.Tensor, slots: np.ndarray) -> SampleResult:
-        """Row i of `logits` [S, V] belongs to `slots[i]`; returns the sampled tokens on the device.
+    def sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> SampleResult:
+        """Row i of `logits` [S, V] belongs to `slots[i]` and samples the token at `positions[i]` of its
+        sequence (the number of tokens before it); returns the sampled tokens on the device.
 
         `logits` may be bf16: greedy and race rows read it as it is; only penalties, filters and
         logprobs work on a float32 copy, so the common case never upcasts the [S, V] block.
@@ -168,7 +172,7 @@ class Sampler:
             # and are then overwritten; their keys come from the engine's generator, so no seeded
             # request's sequence moves.
             inv_t = (1.0 / np.where(race, temperature, 1.0)).astype(np.float32)
-            keys = self._keys(slots, race)
+            keys = self._keys(slots, positions, race)
             drawn = race_sample(logits, torch.from_numpy(inv_t).to(self.device, non_blocking=True),
                                 torch.from_numpy(keys).to(self.device, non_blocking=True))
             if tokens is None:
@@ -184,7 +188,7 @@ class Sampler:
                                        self._rows(self.top_p, ds, torch.float32),
                                        self._rows(self.min_p, ds, torch.float32))
             cdf = probs.cumsum(dim=-1)
-            target = torch.from_numpy(self._uniforms(ds)).to(self.device, torch.float32, non_blocking=True)[:, None] * cdf[:, -1:]
+            target = torch.from_numpy(self._uniforms(ds, positions[draw])).to(self.device, torch.float32, non_blocking=True)[:, None] * cdf[:, -1:]
             pick = torch.searchsorted(cdf, target, right=True).clamp_(max=self.vocab_size - 1)
             picked = ids.gather(1, pick).squeeze(1)
             if tokens is None:

@@ -1,6 +1,7 @@
 """ModelRunner.execute on a tiny random (dummy-format) Qwen3: outputs, seeds, logprobs, refused steps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -60,6 +61,24 @@ def test_same_seed_same_tokens_in_one_batch(runner: ModelRunner) -> None:
     assert streams[0] == streams[1]
     assert streams[2] != streams[0]
     assert out.logprobs is None and out.top_ids is None
+
+
+@pytest.mark.parametrize("top_k", [50, -1], ids=["filtered", "race"])
+def test_a_seeded_request_recomputed_in_another_slot_draws_on(runner: ModelRunner, top_k: int) -> None:
+    # What a retraction does: the request's prompt and outputs so far are prefilled again, in a
+    # new slot, and sampling goes on from there. Seeded draws depend on (seed, position) only.
+    prompt = [11, 22, 33, 44, 55]
+    params = SlotParams(0, temperature=1.0, top_k=top_k, seed=7)
+    out = runner.execute(_prefill(0, [0], prompt, [[12, 13, 14]], [params]))
+    tokens = out.tokens.tolist()
+    for i in range(5):
+        tokens += runner.execute(_decode(i + 1, [0], len(prompt) + i)).tokens.tolist()
+    redo = prompt + tokens[:3]
+    again = runner.execute(_prefill(6, [3], redo, [[15, 16, 17]], [dataclasses.replace(params, slot=3)])).tokens.tolist()
+    for i in range(2):
+        again += runner.execute(_decode(7 + i, [3], len(redo) + i)).tokens.tolist()
+    assert again == tokens[3:]
+    assert len(set(tokens)) > 1  # really sampled, not a constant
 
 
 def test_logprobs_come_back_per_sampled_row(runner: ModelRunner) -> None:

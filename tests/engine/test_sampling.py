@@ -35,7 +35,7 @@ def test_greedy_and_top_k_1_are_argmax() -> None:
         sampler.admit(SlotParams(slot, temperature=0.0))
     for slot in range(3, 6):
         sampler.admit(SlotParams(slot, temperature=1.3, top_k=1, seed=slot))
-    tokens = sampler.sample(logits, np.array([0, 3, 1, 4, 2, 5])).tokens
+    tokens = sampler.sample(logits, np.array([0, 3, 1, 4, 2, 5]), np.full(6, 10)).tokens
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
@@ -73,18 +73,20 @@ def test_draws_follow_the_filtered_distribution() -> None:
         sampler.admit(SlotParams(slot, temperature=1.0, top_p=0.75))
     counts = np.zeros(5)
     for _ in range(20):
-        counts += np.bincount(sampler.sample(logits, np.arange(200)).tokens.numpy(), minlength=5)
+        counts += np.bincount(sampler.sample(logits, np.arange(200), np.full(200, 10)).tokens.numpy(), minlength=5)
     assert counts[2] == counts[4] == 0  # filtered out: never drawn
     np.testing.assert_allclose(counts / counts.sum(), np.array([0.15, 0.5, 0.0, 0.2, 0.0]) / 0.85, atol=0.02)
 
 
-def _draws(sampler: Sampler, slots: list[int], steps: int, watched: int) -> list[int]:
+def _draws(sampler: Sampler, slots: list[int], steps: int, watched: int, first: int = 0) -> list[int]:
+    """The watched slot's tokens at positions 50 + first .. 50 + first + steps - 1."""
     out = []
-    for step in range(steps):
+    for step in range(first, first + steps):
         # The watched request's row is the same in every run; the other rows vary.
         rows = [_logits(1, seed=100 + step, vocab=1000) if s == watched else _logits(1, seed=s * step, vocab=1000)
                 for s in slots]
-        tokens = sampler.sample(torch.cat(rows) * 0.1, np.array(slots)).tokens
+        positions = np.array([50 + step if s == watched else 7 * s + step for s in slots])
+        tokens = sampler.sample(torch.cat(rows) * 0.1, np.array(slots), positions).tokens
         out.append(int(tokens[slots.index(watched)]))
     return out
 
@@ -98,11 +100,27 @@ def test_seeded_draws_reproduce_whatever_shares_the_batch() -> None:
     crowded.admit(SlotParams(5, temperature=1.0, seed=42))
     first = _draws(alone, [0], 20, watched=0)
     assert _draws(crowded, [5, 1, 2, 3], 20, watched=5) == first
-    # Re-admission restarts the seed's sequence; another seed gives another sequence.
+    # Draws follow (seed, position): re-admitted at the same positions, the seed draws the same;
+    # another seed draws others.
     alone.admit(SlotParams(0, temperature=1.0, seed=42))
     assert _draws(alone, [0], 20, watched=0) == first
     alone.admit(SlotParams(0, temperature=1.0, seed=43))
     assert _draws(alone, [0], 20, watched=0) != first
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["race", "filtered"])
+def test_a_seeded_request_moved_to_another_slot_draws_on_from_its_position(top_p: float) -> None:
+    # A retracted request comes back in another slot, beside other requests, and samples on from
+    # the position where it stopped: its draws go on as if it had never left.
+    alone = Sampler(max_slots=8, vocab_size=1000, device="cpu", seed=0)
+    alone.admit(SlotParams(0, temperature=1.0, top_p=top_p, seed=42))
+    whole = _draws(alone, [0], 20, watched=0)
+    moved = Sampler(max_slots=8, vocab_size=1000, device="cpu", seed=1)
+    moved.admit(SlotParams(2, temperature=1.0, top_p=top_p, seed=42))
+    before = _draws(moved, [2], 8, watched=2)
+    moved.admit(SlotParams(5, temperature=1.0, top_p=top_p, seed=42))
+    moved.admit(SlotParams(2, temperature=0.8))
+    assert before + _draws(moved, [2, 5], 12, watched=5, first=8) == whole
 
 
 def test_penalties_follow_their_definitions() -> None:
@@ -124,7 +142,7 @@ def test_sampler_applies_penalties_over_prompt_and_output() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5]]).repeat(2, 1)
     slots = np.array([1, 2])
     # Frequency counts output only: slot 1 takes 3, then 2 (3 - 1.5 < 2), then 3 again (1.5 > 2 - 1.5).
-    seen = [sampler.sample(logits, slots).tokens.tolist() for _ in range(3)]
+    seen = [sampler.sample(logits, slots, np.array([5 + i, 5 + i])).tokens.tolist() for i in range(3)]
     assert [s[0] for s in seen] == [3, 2, 3]
     # Repetition covers the prompt: slot 2's 3 is penalized from the start; its picks then shrink too.
     assert [s[1] for s in seen] == [2, 1, 4]
@@ -136,7 +154,7 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
     sampler.admit(SlotParams(0, temperature=0.0, logprobs=3))
     sampler.admit(SlotParams(1, temperature=0.7, logprobs=0, seed=1))
     sampler.admit(SlotParams(2, temperature=0.0))
-    result = sampler.sample(logits, np.array([0, 1, 2]))
+    result = sampler.sample(logits, np.array([0, 1, 2]), np.array([3, 3, 3]))
     logp = logits.log_softmax(-1)
     torch.testing.assert_close(result.logprobs, logp.gather(1, result.tokens[:, None]).squeeze(1))
     top, ids = logp.topk(3)
@@ -161,7 +179,8 @@ def test_race_draws_follow_softmax_over_temperature() -> None:
         sampler.admit(SlotParams(slot, temperature=temperature))
     counts = np.zeros(8)
     for _ in range(steps):
-        counts += np.bincount(sampler.sample(logits.repeat(rows, 1), np.arange(rows)).tokens.numpy(), minlength=8)
+        counts += np.bincount(sampler.sample(logits.repeat(rows, 1), np.arange(rows), np.full(rows, 9)).tokens.numpy(),
+                              minlength=8)
     expected = (logits[0] / temperature).softmax(-1).double().numpy() * rows * steps
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 24.32  # chi-square, 7 degrees of freedom, p = 0.001
@@ -179,7 +198,7 @@ def test_race_rows_are_reproducible_beside_greedy_and_filtering_rows() -> None:
     assert _draws(mixed, [1, 4, 2, 6], 20, watched=4) == first
     # The greedy neighbour stayed exactly argmax throughout.
     logits = _logits(4, seed=9, vocab=1000)
-    tokens = mixed.sample(logits, np.array([1, 4, 2, 6])).tokens
+    tokens = mixed.sample(logits, np.array([1, 4, 2, 6]), np.array([3, 70, 3, 3])).tokens
     assert int(tokens[0]) == int(logits[0].argmax())
 
 
@@ -189,7 +208,7 @@ def test_bf16_logits_sample_without_an_upcast_copy() -> None:
     sampler.admit(SlotParams(0, temperature=0.0, logprobs=0))
     sampler.admit(SlotParams(1, temperature=0.6))
     sampler.admit(SlotParams(2, temperature=0.8, top_k=5))
-    result = sampler.sample(logits, np.array([0, 1, 2]))
+    result = sampler.sample(logits, np.array([0, 1, 2]), np.array([4, 4, 4]))
     assert int(result.tokens[0]) == int(logits[0].float().argmax())
     assert int(result.tokens[2]) in logits[2].float().topk(5).indices.tolist()
     assert result.logprobs.dtype == torch.float32

@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from llmrpc.bench.offline import Stack, _engine_config, _row, overlap_depths, run_engine_loop
+from llmrpc.bench.offline import Stack, _engine_config, _row, add_engine_args, run_engine_loop
 
 DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 128, 512, 2048
 
@@ -120,20 +118,9 @@ def _rows(args: argparse.Namespace, system: str, m: dict, **extra) -> list[dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    add_engine_args(ap)
     ap.add_argument("--systems", default="stack,engine")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
-    ap.add_argument("--max-running", type=int, default=256)
-    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
-    ap.add_argument("--max-context", type=int, default=4096)
-    ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
-                    help="the stack's scheduler --overlap-depth values to time, e.g. 1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
-    ap.add_argument("--log-dir", default=tempfile.gettempdir())
-    ap.add_argument("--out", default="")
     args = ap.parse_args()
     rows: list[dict] = []
     table: list[tuple[str, dict]] = []

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import random
 import ssl
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmrpc.bench.record import commit, hardware
+from llmrpc.bench.record import provenance, write_json
 
 WORDS = ("time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child",
          "eye", "woman", "place", "work", "week", "case", "point", "number", "group", "problem", "fact")
@@ -383,9 +382,7 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         await client.close()
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", "llmrpc.bench.load", *sys.argv[1:]]),
-        "commit": commit(), "hardware": hardware(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance("llmrpc.bench.load"),
         "target": args.target, "api": args.api, "mode": mode, "model": model,
         "workload": {"num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
                      "trace": args.trace, "text": args.text, "seed": args.seed},
@@ -425,10 +422,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"E2E p50/p99 {lv['e2e_ms']['p50'] or 0:.0f}/{lv['e2e_ms']['p99'] or 0:.0f} ms")
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out.with_suffix(".json"), report)
         plot(report, out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        print(f"wrote {out.with_suffix('.png')}")
     return report
 
 

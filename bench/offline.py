@@ -164,6 +164,22 @@ def overlap_depths(text: str) -> list[int]:
     return depths
 
 
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The flags offline.py and latency.py share: the model, the engine and stack settings, where rows go."""
+    ap.add_argument("--model", required=True, help="directory with config.json (weights are random: dummy)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    ap.add_argument("--max-running", type=int, default=256)
+    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
+    ap.add_argument("--max-context", type=int, default=4096, help="the workloads need at most 2048")
+    ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
+                    help="the stack's scheduler --overlap-depth values to time, e.g. 1,2,3")
+    ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    ap.add_argument("--log-dir", default=tempfile.gettempdir())
+    ap.add_argument("--out", default="")
+
+
 class Stack:
     """`llmrpc worker` and `llmrpc scheduler` as child processes, the worker on a unix socket.
 
@@ -329,22 +345,11 @@ def bench_roofline(args: argparse.Namespace, workload: Workload) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="directory with config.json (weights are random: dummy)")
+    add_engine_args(ap)
     ap.add_argument("--systems", default="roofline,engine,stack,hf")
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
-    ap.add_argument("--max-running", type=int, default=256)
-    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
-    ap.add_argument("--max-context", type=int, default=4096, help="the workload needs at most 2048")
     ap.add_argument("--disable-overlap", action="store_true")
-    ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
-                    help="the stack's scheduler --overlap-depth values to time, e.g. 1,2")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-deadline-s", type=float, default=150.0)
-    ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
-    ap.add_argument("--log-dir", default=tempfile.gettempdir())
-    ap.add_argument("--out", default="")
     args = ap.parse_args()
     workload = offline_workload()
     rows: list[dict] = []

@@ -1,9 +1,12 @@
-"""What every benchmark's JSON records about where it ran: the hardware and the commit."""
+"""What every benchmark's JSON records about how and where it ran (command, commit, hardware, date), and its writing."""
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -28,3 +31,21 @@ def commit() -> str:
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def provenance(module: str, argv: list[str] | None = None, **hardware_extra: str) -> dict:
+    """The fields every result JSON starts with: the command that made it, commit, hardware and date."""
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "command": " ".join(["python -m", module, *args]),
+        "commit": commit(),
+        "hardware": hardware(**hardware_extra),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: Path, result: object) -> None:
+    """Writes `result` as indented JSON, creating the folder; says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")

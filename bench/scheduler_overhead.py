@@ -15,17 +15,14 @@ steps) is an LRU eviction, as on a server that has been up a while.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 import time
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from llmrpc.bench.record import commit, hardware
+from llmrpc.bench.record import provenance, write_json
 from llmrpc.bench.fake_worker import FakeWorker, HashModel
 from llmrpc.services.protocol import encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
@@ -114,17 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['scheduler_us']:>10.1f} {r['p99_scheduler_us']:>8.1f} {r['encode_step_us']:>8.1f}")
     result = {
         "benchmark": "scheduler_overhead",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(),
-        "hardware": hardware(numpy=np.__version__),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance("llmrpc.bench.scheduler_overhead", argv, numpy=np.__version__),
         "config": {"prompt_len": PROMPT_LEN, "page_size": PAGE_SIZE, "steps": steps, "overlap": True,
                    "clock": "thread CPU time, median over steps"},
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import signal
 import statistics
 import sys
@@ -31,7 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from llmrpc.bench.record import commit, hardware
+from llmrpc.bench.record import provenance, write_json
 from llmrpc.bench.tiny_model import DESCRIPTION, VOCAB, build_tiny_llama
 from llmrpc.services.local_stack import LocalStack
 from llmrpc.services.rpc import channel
@@ -194,18 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {'cached prompt tokens':>24} {prefix['cached_prompt_tokens']}")
     result = {
         "benchmark": "scheduling",
-        "command": " ".join(["python -m llmrpc.bench.scheduling", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(),
-        "hardware": hardware(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance("llmrpc.bench.scheduling", argv),
         "config": {"model": DESCRIPTION,
                    "device": "cpu", "dtype": "auto", "page_size": 16, "kv_pool_tokens": pool,
                    "overlap": True},
         "results": [gap, prefix],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

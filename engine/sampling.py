@@ -19,8 +19,9 @@ for a row, on float32 logits:
 Randomness is one 64-bit race key or one uniform per row and step. A seeded
 request's comes from a generator keyed by (seed, position of the sampled token),
 so it draws the same tokens whatever else shares its batches, and also when it is
-retracted and recomputed; unseeded rows use the engine's own generator. Logprobs are of the model's raw distribution (before penalties and
-temperature), as vLLM reports them.
+retracted and recomputed; unseeded rows use the engine's own generator. Logprobs
+are of the model's raw distribution (before penalties and temperature), as vLLM
+reports them.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class Sampler:
         self.logprobs[s] = p.logprobs
         self.seeds[s] = p.seed or 0
         self.seeded[s] = p.seed is not None
-        self.penalized[s] = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        self.penalized[s] = p.uses_penalties
         if self.penalized[s]:
             if self._output_counts is None:
                 shape = (len(self.temperature), self.vocab_size)

@@ -7,8 +7,8 @@ one read of the logits, noise made on the fly, a running argmax.
 
 The noise is a pure function of (row key, token id): a counter-based hash
 (three rounds of the `lowbias32` mixer), so a row's draw depends on its own
-64-bit key only, never on the other rows of the batch; the sampler gives each
-row a key from that request's own generator, which is what keeps seeded
+64-bit key only, never on the other rows of the batch; the sampler derives a
+seeded row's key from (seed, token position), which is what keeps seeded
 requests reproducible. The same hash runs as a Triton kernel on CUDA (bf16 or
 fp32 logits read as they are) and as plain torch ops elsewhere (the reference,
 and the CPU path); both hash the same bits, so they draw the same token except

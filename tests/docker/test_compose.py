@@ -1,34 +1,32 @@
 """The compose topology, proven without a Docker engine.
 
-Each service of the `cpu` profile runs as a local process with exactly its
-compose command and environment (ports remapped to free loopback ports, service
-names to 127.0.0.1, the model volume to the local cache), in depends_on order,
-waiting on each health check; then a generation streams through the front door.
+`docker compose config` needs the compose plugin, which this machine's docker client lacks,
+so the file's semantics are checked here as compose resolves them: which services each
+profile runs, that every dependency exists and is one compose can wait for, that one-shot
+model-init runs before anything reads the model, that published ports do not collide.
+Then the `cpu` and `gateway` profiles run as local processes (tests/docker/topology.py) with
+exactly their commands and environments, in depends_on order, each waited on by its own
+health check; a generation streams through the front door, and through SMG.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from llmrpc.services.cli import build_parser, default_cache_dir
-from llmrpc.services.rpc import channel, free_port
+from llmrpc.services.cli import default_cache_dir
+from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
+from tests.docker.topology import (PROGRAMS, ROOT, Ports, Processes, check_command, complete, dockerfile_stages,
+                                   entrypoint, gateway_workers, local_env)
 
-
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
-LLMRPC = [sys.executable, "-m", "llmrpc.services.cli"]
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 
 def _interpolate(value: object) -> object:
@@ -42,9 +40,14 @@ def _interpolate(value: object) -> object:
     return value
 
 
-def load_services(profile: str) -> dict[str, dict]:
-    services = _interpolate(yaml.safe_load(COMPOSE.read_text())["services"])
-    return {name: s for name, s in services.items() if not s.get("profiles") or profile in s["profiles"]}
+def all_services() -> dict[str, dict]:
+    return _interpolate(yaml.safe_load(COMPOSE.read_text())["services"])
+
+
+def load_services(*profiles: str) -> dict[str, dict]:
+    """The services `docker compose --profile P...` runs: those without profiles and those in one of P."""
+    return {name: s for name, s in all_services().items()
+            if not s.get("profiles") or set(s["profiles"]) & set(profiles)}
 
 
 def start_order(services: dict[str, dict]) -> list[str]:
@@ -63,89 +66,98 @@ def start_order(services: dict[str, dict]) -> list[str]:
     return order
 
 
+def container_path(volume: str) -> str:
+    """`NAME:/path[:mode]` -> /path."""
+    return volume.split(":")[1]
+
+
 class LocalCompose:
     """Runs compose services as local processes on remapped loopback ports."""
 
-    def __init__(self, services: dict[str, dict], models_dir: Path) -> None:
+    def __init__(self, services: dict[str, dict], models_dir: Path, log_dir: Path) -> None:
         self.services = services
-        self.models_dir = models_dir
-        self.ports: dict[tuple[str, int], int] = {}  # (service name or alias, container port) -> local port
-        self.processes: list[subprocess.Popen] = []
+        self.paths = {"/models": models_dir}
+        self.ports = Ports()
+        self.processes = Processes(log_dir)
         for name, service in services.items():
             aliases = [name, *service.get("networks", {}).get("default", {}).get("aliases", [])]
             command = service.get("command", [])
-            if "--port" in command:
-                container_port = int(command[command.index("--port") + 1])
-                local = free_port()
-                for alias in aliases:
-                    self.ports[(alias, container_port)] = local
+            for flag, value in zip(command, command[1:]):
+                if flag.endswith("-port"):  # --port, --http-port, --prometheus-port
+                    self.ports.expose(aliases, int(value))
 
-    def rewrite(self, args: list[str], own: str | None = None) -> list[str]:
-        out = []
-        for i, arg in enumerate(args):
-            if arg == "0.0.0.0":
-                arg = "127.0.0.1"  # tests never listen beyond loopback
-            elif i > 0 and args[i - 1] == "--port" and own is not None:
-                arg = str(self.ports[(own, int(arg))])
-            else:
-                arg = re.sub(r"\b([\w-]+):(\d+)\b",
-                             lambda m: f"127.0.0.1:{self.ports[(m.group(1), int(m.group(2)))]}"
-                             if (m.group(1), int(m.group(2))) in self.ports else m.group(0), arg)
-            out.append(arg)
-        return out
-
-    def environment(self, service: dict) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMRPC_")}
-        for key, value in (service.get("environment") or {}).items():
-            value = str(value)
-            env[key] = str(self.models_dir) if value == "/models" else value
-        return env
+    def argv(self, name: str, program: str, args: list[str]) -> list[str]:
+        return [*PROGRAMS[program], *self.ports.rewrite(args, name, self.paths)]
 
     def health_ok(self, name: str) -> bool:
         check = self.services[name]["healthcheck"]["test"]
-        assert check[:2] == ["CMD", "llmrpc"]
-        local_check = [*check[2:]]
-        local_check = [f"127.0.0.1:{self.ports[(name, int(a.split(':')[1]))]}" if a.startswith("127.0.0.1:") else a
-                       for a in local_check]
-        return subprocess.run([*LLMRPC, *local_check], capture_output=True, timeout=30).returncode == 0
+        assert check[0] == "CMD"
+        argv = self.argv(name, check[1], check[2:])
+        return self.processes.run_quietly(argv) == 0
 
-    def up(self, log_dir: Path, timeout: float = 300.0) -> None:
+    def up(self, timeout: float = 300.0) -> None:
         for name in start_order(self.services):
             service = self.services[name]
-            argv = [*LLMRPC, *self.rewrite(service["command"], own=name)]
-            log = open(log_dir / f"{name}.log", "wb")
+            argv = self.argv(name, entrypoint(service["image"])[0], service["command"])
+            env = local_env(service.get("environment") or {}, self.paths)
             if service.get("restart") == "no":  # one-shot: must finish successfully first
-                result = subprocess.run(argv, env=self.environment(service), stdout=log, stderr=subprocess.STDOUT,
-                                        timeout=timeout)
-                assert result.returncode == 0, (log_dir / f"{name}.log").read_text()
+                self.processes.run_once(name, argv, env, timeout)
                 continue
-            self.processes.append(subprocess.Popen(argv, env=self.environment(service), stdout=log,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
-            deadline = time.monotonic() + timeout
-            while not self.health_ok(name):
-                assert self.processes[-1].poll() is None, (log_dir / f"{name}.log").read_text()
-                assert time.monotonic() < deadline, f"{name} never became healthy"
-                time.sleep(0.5)
+            self.processes.start(name, argv, env)
+            self.processes.wait_until(name, lambda: self.health_ok(name), timeout)
 
     def down(self) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        self.processes.down()
+
+
+def test_profiles_resolve_as_compose_does() -> None:
+    """Each profile of the README runs a complete stack compose can start and wait on."""
+    defined = all_services()
+    expected = {
+        ("gpu",): {"model-init", "worker", "scheduler", "tokenizer"},
+        ("cpu",): {"model-init", "worker-cpu", "scheduler", "tokenizer"},
+        ("gateway",): {"model-init", "replica1-worker", "replica1-scheduler", "replica2-worker",
+                       "replica2-scheduler", "gateway"},
+    }
+    for profiles, names in expected.items():
+        services = load_services(*profiles)
+        assert set(services) == names, profiles
+        published: list[str] = []
+        for name, service in services.items():
+            for dep, rule in service.get("depends_on", {}).items():
+                assert dep in defined, f"{name} depends on undefined {dep}"
+                assert rule["condition"] in CONDITIONS
+                # compose refuses to start a service whose required dependency is not in the run
+                assert dep in services or rule.get("required") is False, f"{profiles}: {name} needs {dep}"
+                if rule["condition"] == "service_healthy":
+                    assert "healthcheck" in defined[dep], f"{name} waits on {dep}'s health, which has none"
+                if rule["condition"] == "service_completed_successfully":
+                    assert defined[dep]["restart"] == "no"
+            if name != "model-init":
+                assert service["restart"] == "unless-stopped" and service["healthcheck"]["test"][0] == "CMD"
+            if any(container_path(v) == "/models" for v in service.get("volumes", [])) and name != "model-init":
+                assert _waits_for(services, name, "model-init"), f"{name} may read the model before it exists"
+            published += [p.rsplit(":", 1)[0] for p in service.get("ports", [])]
+        assert len(published) == len(set(published)), f"{profiles}: a host port is published twice"
+    # model-init belongs to no profile: every run fetches the model first, once.
+    assert "profiles" not in defined["model-init"] and defined["model-init"]["command"] == ["download"]
+    assert defined["tokenizer"]["ports"] == ["50051:50051", "8000:8000"]
+    assert defined["gateway"]["ports"] == ["30000:30000"]
+
+
+def _waits_for(services: dict[str, dict], name: str, target: str) -> bool:
+    deps = services[name].get("depends_on", {})
+    return target in deps or any(_waits_for(services, dep, target) for dep in deps if dep in services)
 
 
 def test_cpu_profile_serves_a_generation(tmp_path: Path, default_model_dir: Path) -> None:
     services = load_services("cpu")
     assert set(services) == {"model-init", "worker-cpu", "scheduler", "tokenizer"}
     assert start_order(services).index("tokenizer") > start_order(services).index("scheduler")
-    compose = LocalCompose(services, default_cache_dir())
+    compose = LocalCompose(services, default_cache_dir(), tmp_path)
     try:
-        compose.up(tmp_path)
-        target = f"127.0.0.1:{compose.ports[('tokenizer', 50051)]}"
+        compose.up()
+        target = f"127.0.0.1:{compose.ports.local('tokenizer', 50051)}"
 
         async def generate() -> list[pb.GenerateResponse]:
             async with channel(target) as ch:
@@ -158,6 +170,26 @@ def test_cpu_profile_serves_a_generation(tmp_path: Path, default_model_dir: Path
         assert "".join(r.text for r in responses).strip()
         assert responses[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
         assert responses[-1].usage.completion_tokens == sum(len(r.token_ids) for r in responses)
+        # The OpenAI port the tokenizer publishes beside gRPC answers the same greedy prompt.
+        http = f"http://127.0.0.1:{compose.ports.local('tokenizer', 8000)}"
+        assert complete(http, "The capital of France is", max_tokens=8)["text"] == "".join(r.text for r in responses)
+    finally:
+        compose.down()
+
+
+def test_gateway_profile_serves_through_smg(tmp_path: Path, default_model_dir: Path) -> None:
+    """Two replicas behind SMG (its gRPC workers are the replicas' schedulers): both registered, and a
+    completion is answered through it."""
+    services = load_services("gateway")
+    compose = LocalCompose(services, default_cache_dir(), tmp_path)
+    try:
+        compose.up()
+        gateway = f"http://127.0.0.1:{compose.ports.local('gateway', 30000)}"
+        schedulers = {f"127.0.0.1:{compose.ports.local(f'replica{i}-scheduler', 50052)}" for i in (1, 2)}
+        assert gateway_workers(gateway) == schedulers
+        answer = complete(gateway, "The capital of France is", max_tokens=8)
+        assert answer["text"].strip() and answer["finish_reason"] in ("length", "stop")
+        assert 0 < answer["usage"]["completion_tokens"] <= 8
     finally:
         compose.down()
 
@@ -173,15 +205,14 @@ def test_gpu_profile_is_the_default_and_reserves_a_gpu() -> None:
         assert services[name]["restart"] == "unless-stopped"
 
 
-def _dockerfile_commands() -> list[list[str]]:
-    import json
+def _image_commands() -> list[tuple[str, list[str]]]:
+    """(program, arguments) of every Dockerfile CMD and compose command."""
+    stages = dockerfile_stages()
+    commands = [(stage["ENTRYPOINT"][0], stage["CMD"]) for stage in stages.values()]
+    commands += [(entrypoint(s["image"])[0], s["command"]) for s in all_services().values()]
+    return commands
 
-    return [json.loads(line.split(None, 1)[1]) for line in DOCKERFILE.read_text().splitlines()
-            if line.startswith("CMD ")]
 
-
-@pytest.mark.parametrize("argv", _dockerfile_commands()
-                         + [s["command"] for s in _interpolate(yaml.safe_load(COMPOSE.read_text())["services"]).values()])
-def test_every_image_command_is_a_cli_command(argv: list[str]) -> None:
-    build_parser().parse_args(argv)  # the exact arguments parse
-    assert subprocess.run([*LLMRPC, argv[0], "--help"], capture_output=True, timeout=60).returncode == 0
+@pytest.mark.parametrize("program,argv", _image_commands())
+def test_every_image_command_is_a_cli_command(program: str, argv: list[str]) -> None:
+    check_command(program, argv)

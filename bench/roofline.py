@@ -1,12 +1,22 @@
 """The speed ceiling of a workload on one GPU, from the model's shape and two measured rates.
 
-Prefill is charged its matmul FLOPs (2 x parameters x tokens, plus causal
-attention) at the measured matmul rate. Decode runs every request at once from
-step 0 (256 requests fit the KV pool and the slots), so step t holds the
-requests with more than t outputs; a step costs the larger of (all weights + the
-KV of every running sequence) over the measured bandwidth and its FLOPs over
-the matmul rate. No kernel can beat either term, so
-output tokens / (prefill + decode time) is an upper bound for any engine.
+Prefill is charged its matmul FLOPs (2 x parameters multiplied per token x tokens,
+plus causal attention) at the measured matmul rate. Decode runs every request at
+once from step 0 (256 requests fit the KV pool and the slots), so step t holds
+the requests with more than t outputs; a step costs the larger of (the weights
+it reads + the KV of every running sequence) over the measured bandwidth and its
+FLOPs over the matmul rate. No kernel can beat either term, so output tokens /
+(prefill + decode time) is an upper bound for any engine.
+
+A mixture-of-experts layer multiplies each token by its k experts only, and a
+decode step of B rows reads only the experts its rows were routed to: with
+uniform routing, E * (1 - (1 - k/E)^B) of the E experts in expectation (8 of
+128 at B = 1, about 126 at B = 64), not all of them.
+
+`latency_ceiling` bounds bench/latency.py's two measurements the same way:
+single-stream decode (128-token prompt, 512 out) and TTFT of a 2,048-token
+prompt (the larger of its FLOPs and its weight bytes: a long prompt reads
+every expert once).
 """
 from __future__ import annotations
 
@@ -19,66 +29,94 @@ import numpy as np
 from llmrpc.engine.config import ModelConfig
 
 BYTES_PER_PARAM = 2  # bf16 weights and KV
+DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 128, 512, 2048  # bench/latency.py's measurements
 
 
 @dataclass(frozen=True)
 class Shape:
-    layer_params: int  # per decoder layer (attention + MLP + norms)
+    dense_params: int  # all layers' parameters every token multiplies: attention, norms, dense MLPs, routers
     embed_params: int  # the embedding matrix
     lm_head_params: int  # separate LM head (0 when tied to the embedding)
     kv_bytes_per_token: int
     num_layers: int
     attn_dim: int  # query heads x head_dim
+    expert_params: int = 0  # one expert of one sparse layer (gate, up and down)
+    num_sparse_layers: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes a decode step reads: every layer, the LM head (the tied embedding's rows) — not the lookup."""
+    def experts_read(self, batch: float) -> float:
+        """Expected distinct experts per sparse layer that `batch` tokens are routed to (uniform routing)."""
+        if not self.num_experts:
+            return 0.0
+        return self.num_experts * (1.0 - (1.0 - self.experts_per_token / self.num_experts) ** batch)
+
+    def weight_bytes(self, batch: float) -> float:
+        """Bytes a step of `batch` tokens reads: the dense layers, the experts it routes to, the LM head
+        (the tied embedding's rows) — not the embedding lookup."""
         head = self.lm_head_params or self.embed_params
-        return (self.num_layers * self.layer_params + head) * BYTES_PER_PARAM
+        experts = self.num_sparse_layers * self.experts_read(batch) * self.expert_params
+        return (self.dense_params + experts + head) * BYTES_PER_PARAM
 
     @property
     def matmul_params(self) -> int:
         """Parameters multiplied per token (the LM head only for sampled tokens: counted separately)."""
-        return self.num_layers * self.layer_params
+        return self.dense_params + self.num_sparse_layers * self.experts_per_token * self.expert_params
 
 
 def model_shape(c: ModelConfig) -> Shape:
     q = c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
     attn = c.hidden_size * (q + 2 * kv) + q * c.hidden_size
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    norms = 2 * c.hidden_size + (2 * c.head_dim if c.model_type == "qwen3" else 0)
+    norms = 2 * c.hidden_size + (2 * c.head_dim if c.model_type in ("qwen3", "qwen3_moe") else 0)
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size
+    sparse = [i for i in range(c.num_hidden_layers) if c.moe is not None and c.moe.is_sparse(i)]
+    router = c.moe.num_experts * c.hidden_size if c.moe is not None else 0
     return Shape(
-        layer_params=attn + mlp + norms,
+        dense_params=(c.num_hidden_layers * (attn + norms) + (c.num_hidden_layers - len(sparse)) * dense_mlp
+                      + len(sparse) * router),
         embed_params=c.vocab_size * c.hidden_size,
         lm_head_params=0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size,
         kv_bytes_per_token=2 * c.num_hidden_layers * kv * BYTES_PER_PARAM,
         num_layers=c.num_hidden_layers,
         attn_dim=q,
+        expert_params=3 * c.hidden_size * c.moe.moe_intermediate_size if c.moe is not None else 0,
+        num_sparse_layers=len(sparse),
+        num_experts=c.moe.num_experts if c.moe is not None else 0,
+        experts_per_token=c.moe.num_experts_per_tok if c.moe is not None else 0,
     )
+
+
+def _decode_step_s(s: Shape, ctx: np.ndarray, bandwidth_bytes_s: float, matmul_flops_s: float) -> float:
+    """One decode step of len(ctx) rows whose sequences hold ctx tokens of KV each."""
+    head = s.lm_head_params or s.embed_params
+    b = len(ctx)
+    bytes_ = s.weight_bytes(b) + s.kv_bytes_per_token * ctx.sum()
+    flops = 2 * (s.matmul_params + head) * b + 4 * s.num_layers * s.attn_dim * ctx.sum()
+    return max(bytes_ / bandwidth_bytes_s, flops / matmul_flops_s)
+
+
+def _prefill_flops(s: Shape, prompt_lens: np.ndarray) -> float:
+    """Every prompt token through the layers, causal attention (QK^T and PV: 4 x dim per pair),
+    one LM head row per prompt."""
+    head = s.lm_head_params or s.embed_params
+    p = prompt_lens
+    return (2 * s.matmul_params * p.sum() + 2 * s.num_layers * s.attn_dim * (p * (p + 1)).sum()
+            + 2 * head * len(p))
 
 
 def workload_ceiling(config: ModelConfig, prompt_lens: list[int], output_lens: list[int],
                      bandwidth_bytes_s: float, matmul_flops_s: float) -> dict:
     s = model_shape(config)
-    head = s.lm_head_params or s.embed_params
     p = np.asarray(prompt_lens, dtype=np.float64)
     o = np.asarray(output_lens, dtype=np.int64)
-    # Prefill: every prompt token through the layers, causal attention (QK^T and PV: 4 x dim per pair),
-    # one LM head row per request.
-    prefill_flops = (2 * s.matmul_params * p.sum() + 2 * s.num_layers * s.attn_dim * (p * (p + 1)).sum()
-                     + 2 * head * len(p))
-    prefill_s = prefill_flops / matmul_flops_s
+    prefill_s = _prefill_flops(s, p) / matmul_flops_s
     decode_s = 0.0
     # Step t feeds the token sampled at step t-1: requests with more than t + 1 outputs still decode
     # (the first output comes from prefill).
     for t in range(int(o.max()) - 1):
         running = o > t + 1
-        b = int(running.sum())
-        ctx = p[running] + t + 1
-        bytes_ = s.weight_bytes + s.kv_bytes_per_token * ctx.sum()
-        flops = 2 * (s.matmul_params + head) * b + 4 * s.num_layers * s.attn_dim * ctx.sum()
-        decode_s += max(bytes_ / bandwidth_bytes_s, flops / matmul_flops_s)
+        decode_s += _decode_step_s(s, p[running] + t + 1, bandwidth_bytes_s, matmul_flops_s)
     total = prefill_s + decode_s
     return {
         "output_tokens_per_s": float(o.sum() / total),
@@ -87,6 +125,21 @@ def workload_ceiling(config: ModelConfig, prompt_lens: list[int], output_lens: l
         "bandwidth_GB_s": bandwidth_bytes_s / 1e9,
         "matmul_TFLOP_s": matmul_flops_s / 1e12,
         "shape": asdict(s),
+    }
+
+
+def latency_ceiling(config: ModelConfig, bandwidth_bytes_s: float, matmul_flops_s: float) -> dict:
+    """Upper bounds of bench/latency.py's single-stream decode tok/s and TTFT(2048) in ms."""
+    s = model_shape(config)
+    steps = [_decode_step_s(s, np.array([DECODE_PROMPT + t + 1.0]), bandwidth_bytes_s, matmul_flops_s)
+             for t in range(DECODE_TOKENS - 1)]
+    ttft_s = max(_prefill_flops(s, np.array([float(TTFT_PROMPT)])) / matmul_flops_s,
+                 s.weight_bytes(TTFT_PROMPT) / bandwidth_bytes_s)
+    return {
+        "decode_tok_s": (DECODE_TOKENS - 1) / sum(steps),
+        "ttft_ms": 1e3 * ttft_s,
+        "bandwidth_GB_s": bandwidth_bytes_s / 1e9,
+        "matmul_TFLOP_s": matmul_flops_s / 1e12,
     }
 
 
@@ -129,8 +182,9 @@ def main() -> None:
     if not bw or not mm:
         bw, mm = measure_rates()
     w = offline_workload()
-    print(json.dumps(workload_ceiling(ModelConfig.load(args.model), [len(p) for p in w.prompts], w.max_tokens,
-                                      bw, mm), indent=2))
+    config = ModelConfig.load(args.model)
+    print(json.dumps({"offline": workload_ceiling(config, [len(p) for p in w.prompts], w.max_tokens, bw, mm),
+                      "latency": latency_ceiling(config, bw, mm)}, indent=2))
 
 
 if __name__ == "__main__":

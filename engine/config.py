@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The architectures whose HF config.json we understand; the model registry maps each to a class.
-_DEFAULT_ATTENTION_BIAS = {"Qwen2ForCausalLM": True}
+# What config.json leaves implicit, per architecture.
+_ALWAYS_QKV_BIAS = ("Qwen2ForCausalLM",)  # transformers' Qwen2: q/k/v biases whatever attention_bias says ...
+_NO_OUT_BIAS = ("Qwen2ForCausalLM",)  # ... and never an o_proj bias
+_MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -67,6 +69,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts MLP of Qwen3-MoE: a router picks `num_experts_per_tok` of `num_experts` per token."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum to 1
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here (those keep a dense MLP)
+
+    def is_sparse(self, layer_id: int) -> bool:
+        return layer_id not in self.mlp_only_layers and (layer_id + 1) % self.decoder_sparse_step == 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only transformer, in HF config.json terms."""
 
@@ -84,7 +101,11 @@ class ModelConfig:
     max_position_embeddings: int
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k and v
+    attention_out_bias: bool = False  # a bias on o_proj (Llama and Qwen3 tie it to attention_bias; Qwen2 has none)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # the window attention really uses (None: full attention everywhere)
+    moe: MoEConfig | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     name: str = ""
@@ -92,28 +113,30 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None,
                 name: str = "") -> ModelConfig:
-        """From the dicts of config.json and generation_config.json (transformers 4 or 5 layout)."""
+        """From the dicts of config.json and generation_config.json (transformers 4 or 5 layout).
+
+        Every field that changes the math is either honoured or refused here, naming the field.
+        """
         architectures = config.get("architectures") or []
         if not architectures:
             raise ValueError("config.json names no architecture")
         architecture = architectures[0]
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (silu only)")
+        _refuse_unsupported(config)
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in _SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope type {rope_type!r} is not supported (have {', '.join(_SUPPORTED_ROPE_TYPES)})")
-        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise ValueError(f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
+        if not config.get("head_dim") and hidden % heads:
+            raise ValueError(f"head_dim is not set and hidden_size {hidden} does not split over {heads} heads")
+        rope_theta, rope_scaling = _rope(config)
         eos: list[int] = []
         for source in (generation_config or {}, config):
             ids = source.get("eos_token_id")
             for i in [ids] if isinstance(ids, int) else (ids or []):
                 if i not in eos:
                     eos.append(int(i))
+        attention_bias = architecture in _ALWAYS_QKV_BIAS or bool(config.get("attention_bias", False))
         return cls(
             architecture=architecture,
             model_type=config.get("model_type", ""),
@@ -122,14 +145,18 @@ class ModelConfig:
             intermediate_size=int(config["intermediate_size"]),
             num_hidden_layers=int(config["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            num_key_value_heads=kv_heads,
             head_dim=int(config.get("head_dim") or hidden // heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", _DEFAULT_ATTENTION_BIAS.get(architecture, False))),
+            attention_bias=attention_bias,
+            attention_out_bias=attention_bias and architecture not in _NO_OUT_BIAS,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            sliding_window=_sliding_window(config),
+            moe=_moe(config) if architecture in _MOE_ARCHITECTURES else None,
             eos_token_ids=tuple(eos),
             bos_token_id=config.get("bos_token_id"),
             name=name,
@@ -149,4 +176,96 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json (expected an HF model directory or a .gguf file)")
         generation_file = path / "generation_config.json"
         generation = json.loads(generation_file.read_text()) if generation_file.exists() else None
-        return cls.from_hf(json.loads(config_file.read_text()), generation, name=path.name)
+        from llmrpc.engine.hub import model_name
+
+        return cls.from_hf(json.loads(config_file.read_text()), generation, name=model_name(path))
+
+    def check_context(self, max_context: int) -> None:
+        """Refuses to serve `max_context` tokens where the math would differ from the model's.
+
+        No attention backend implements a sliding window, so a window smaller than the served
+        context would silently become full attention: refused, naming the field.
+        """
+        if self.sliding_window is not None and self.sliding_window < max_context:
+            raise ValueError(
+                f"sliding_window {self.sliding_window} in config.json is smaller than the served context of "
+                f"{max_context} tokens, and llmrpc's attention backends have no sliding-window attention: "
+                f"serve at most {self.sliding_window} tokens of context (max_context) or a model without one")
+
+
+# Fields whose non-default values change the math and that no model here implements.
+_UNSUPPORTED_VALUES: dict[str, Any] = {
+    "partial_rotary_factor": 1.0,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+_ROPE_REQUIRED = {"linear": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _refuse_unsupported(config: dict[str, Any]) -> None:
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (silu only)")
+    for key, default in _UNSUPPORTED_VALUES.items():
+        value = config.get(key, default)
+        if value is not None and value != default:
+            raise ValueError(f"{key} {value!r} is not supported (only {default!r})")
+    unknown = set(config.get("layer_types") or ()) - set(_LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"layer_types {sorted(unknown)} are not supported (have {', '.join(_LAYER_TYPES)})")
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, the scaling dict or None for plain RoPE); an unknown or incomplete scaling is refused."""
+    # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+    field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    rope = dict(config.get(field) or {})
+    rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{field}: rope type {rope_type!r} is not supported (have {', '.join(_SUPPORTED_ROPE_TYPES)})")
+    for key in _ROPE_REQUIRED.get(rope_type, ()):
+        if rope.get(key) is None:
+            raise ValueError(f"{field}.{key} is required by rope type {rope_type!r}")
+    return rope_theta, None if rope_type == "default" else {**rope, "rope_type": rope_type}
+
+
+def _sliding_window(config: dict[str, Any]) -> int | None:
+    """The window some layer really attends within, or None when every layer attends to everything."""
+    window = config.get("sliding_window")
+    if window is None:
+        return None
+    if "use_sliding_window" in config and not config["use_sliding_window"]:
+        return None  # Qwen2/Qwen3 carry a window that is off unless use_sliding_window
+    layer_types = config.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if layer_types is None and config.get("use_sliding_window"):
+        # Qwen2 layout: layers from max_window_layers on slide.
+        if int(config.get("max_window_layers", 0)) >= int(config["num_hidden_layers"]):
+            return None
+    return int(window)
+
+
+def _moe(config: dict[str, Any]) -> MoEConfig:
+    # transformers 5 saves num_experts as num_local_experts (its attribute map); checkpoints say num_experts.
+    sizes: dict[str, int] = {}
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        value = config.get(key, config.get("num_local_experts") if key == "num_experts" else None)
+        if not value or int(value) < 1:
+            raise ValueError(f"{key} must be a positive integer for a mixture-of-experts model, got {value!r}")
+        sizes[key] = int(value)
+    moe = MoEConfig(
+        num_experts=sizes["num_experts"],
+        num_experts_per_tok=sizes["num_experts_per_tok"],
+        moe_intermediate_size=sizes["moe_intermediate_size"],
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(config.get("decoder_sparse_step") or 1),
+        mlp_only_layers=tuple(int(i) for i in config.get("mlp_only_layers") or ()),
+    )
+    if moe.num_experts_per_tok > moe.num_experts:
+        raise ValueError(f"num_experts_per_tok {moe.num_experts_per_tok} exceeds num_experts {moe.num_experts}")
+    if config.get("shared_expert_intermediate_size"):
+        raise ValueError("shared_expert_intermediate_size: shared experts are not supported")
+    return moe

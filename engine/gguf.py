@@ -4,6 +4,9 @@ llama.cpp renames every tensor (blk.N.attn_q.weight for
 model.layers.N.self_attn.q_proj.weight), quantizes most of them, and, for the
 llama architecture only, permutes the rows of Q and K to its interleaved RoPE
 layout; reading undoes all three so the rest of the engine sees an HF model.
+Mistral files are llama files. A Qwen3-MoE file stacks each layer's experts
+(blk.N.ffn_gate_exps.weight is [experts, moe_intermediate, hidden]); they are
+read back as the HF checkpoint's one tensor per expert.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "qwen3moe": "Qwen3MoeForCausalLM"}
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -28,7 +32,11 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router
 }
+# Stacked expert tensors → the per-expert HF tensor name (format it with the expert id).
+_EXPERT_NAMES = {"ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "mlp.experts.{}.up_proj",
+                 "ffn_down_exps": "mlp.experts.{}.down_proj"}
 # Tensors with nothing to load: RoPE frequencies are recomputed from the config.
 _SKIPPED = {"rope_freqs.weight"}
 
@@ -86,7 +94,9 @@ class GGUFCheckpoint:
             "model_type": self.arch,
             "hidden_act": "silu",
             "hidden_size": hidden,
-            "intermediate_size": int(self._arch_field("feed_forward_length")),
+            # A Qwen3-MoE file whose every layer is sparse may carry only the experts' width.
+            "intermediate_size": int(self._arch_field("feed_forward_length",
+                                                      self._arch_field("expert_feed_forward_length"))),
             "num_hidden_layers": int(self._arch_field("block_count")),
             "num_attention_heads": heads,
             "num_key_value_heads": int(self._arch_field("attention.head_count_kv", heads)),
@@ -99,6 +109,11 @@ class GGUFCheckpoint:
             "attention_bias": any(t.name.endswith("attn_q.bias") for t in self.reader.tensors),
             "torch_dtype": "float32",
         }
+        window = self._arch_field("attention.sliding_window")
+        if window is not None:
+            config["sliding_window"] = int(window)
+        if self.arch == "qwen3moe":
+            config.update(self._moe_config(int(config["num_hidden_layers"])))
         if self._arch_field("rope.scaling.type") == "linear":
             config["rope_scaling"] = {"rope_type": "linear",
                                       "factor": _float32_value(self._arch_field("rope.scaling.factor"))}
@@ -109,11 +124,26 @@ class GGUFCheckpoint:
                 config[key] = int(value)
         return config
 
+    def _moe_config(self, num_layers: int) -> dict[str, Any]:
+        routed = {int(t.name.split(".")[1]) for t in self.reader.tensors if t.name.endswith("ffn_gate_inp.weight")}
+        return {
+            "num_experts": int(self._arch_field("expert_count")),
+            "num_experts_per_tok": int(self._arch_field("expert_used_count")),
+            "moe_intermediate_size": int(self._arch_field("expert_feed_forward_length")),
+            # llama.cpp always renormalizes Qwen3-MoE's top-k weights; a file may say so explicitly.
+            "norm_topk_prob": bool(self._arch_field("expert_weights_norm", True)),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(num_layers) if i not in routed],
+        }
+
     def hf_generation_config(self) -> dict[str, Any]:
         return {k: v for k, v in self.hf_config().items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
     def __len__(self) -> int:
-        return len(self.reader.tensors)
+        """How many HF tensors `tensors()` yields (a stacked expert tensor counts once per expert)."""
+        # GGUF lists dims innermost first: a stacked tensor's expert count is its last.
+        return sum(int(t.shape[-1]) if _is_stacked_experts(t.name) else 1
+                   for t in self.reader.tensors if t.name not in _SKIPPED)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor) for every weight, dequantized one at a time."""
@@ -128,5 +158,19 @@ class GGUFCheckpoint:
             weight = dequantize(t.data, t.tensor_type).reshape(shape)
             if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                 weight = unpermute_rope_rows(weight, heads if ".attn_q." in t.name else kv_heads)
-            # A copy: unquantized tensors come back as read-only views of the memory map.
-            yield hf_tensor_name(t.name), torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))
+            if _is_stacked_experts(t.name):
+                _, layer, kind, suffix = t.name.split(".")
+                for expert, expert_weight in enumerate(weight):
+                    yield f"model.layers.{layer}.{_EXPERT_NAMES[kind].format(expert)}.{suffix}", _tensor(expert_weight)
+                continue
+            yield hf_tensor_name(t.name), _tensor(weight)
+
+
+def _is_stacked_experts(gguf_name: str) -> bool:
+    parts = gguf_name.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPERT_NAMES
+
+
+def _tensor(weight: np.ndarray) -> torch.Tensor:
+    # A float32 copy: unquantized tensors come back as read-only views of the memory map.
+    return torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))

@@ -3,11 +3,14 @@
 Each checkpoint tensor goes to the parameter that owns it through that
 parameter's `weight_loader`, which cuts this rank's tensor-parallel slice; tensors
 the model merges (q/k/v, gate/up) are routed by the model's
-`packed_modules_mapping`. Every parameter must be filled, or loading fails.
+`packed_modules_mapping`, and a mixture-of-experts model's per-expert tensors
+(`...experts.<e>.<proj>.weight`) into its stacked expert parameters by its
+`expert_modules_mapping`. Every parameter must be filled, or loading fails.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +22,7 @@ from llmrpc.engine.layers.linear import default_weight_loader
 
 # HF checkpoints carry these, but the engine computes them itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_EXPERT_TENSOR = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
 
 
 def resolve_load_format(model_path: str | Path, load_format: str = "auto") -> str:
@@ -66,13 +70,24 @@ def load_weight(model: nn.Module, params: dict[str, nn.Parameter], name: str, te
         return None
     if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
         return None  # the LM head is the embedding
+    expert = _EXPERT_TENSOR.match(name)
+    experts_mapping: dict[str, tuple[str, int]] = getattr(model, "expert_modules_mapping", {})
+    if expert is not None and expert["part"] in experts_mapping:
+        our_part, part = experts_mapping[expert["part"]]
+        target = f"{expert['prefix']}.{our_part}"
+        param = params.get(target)
+        if param is None:
+            raise KeyError(f"checkpoint tensor {name} has no parameter {target} in the model")
+        shard_id = (int(expert["expert"]), part)
+        param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]  # the layer set it
+        return f"{target}#{shard_id}"
     for hf_part, (our_part, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
         if f".{hf_part}." in name:
             target = name.replace(f".{hf_part}.", f".{our_part}.")
             param = params.get(target)
             if param is None:
                 raise KeyError(f"checkpoint tensor {name} has no parameter {target} in the model")
-            param.weight_loader(param, tensor, shard_id)
+            param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]  # the layer set it
             return f"{target}#{shard_id}"
     param = params.get(name)
     if param is None:
@@ -81,18 +96,19 @@ def load_weight(model: nn.Module, params: dict[str, nn.Parameter], name: str, te
     return name
 
 
-def _expected_loads(model: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
-    """Every parameter (and every shard of a merged one) a complete checkpoint fills."""
+def _expected_loads(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, set[str]]:
+    """Per parameter, what a complete checkpoint fills: the whole tensor, or every shard of a merged one.
+
+    A parameter may list its shards itself (`shard_ids`, e.g. one per expert and projection).
+    """
     merged: dict[str, list[object]] = {}
     for our_part, shard_id in getattr(model, "packed_modules_mapping", {}).values():
         merged.setdefault(our_part, []).append(shard_id)
-    expected = set()
-    for name in params:
+    expected = {}
+    for name, param in params.items():
         part = name.split(".")[-2] if "." in name else ""
-        if part in merged:
-            expected.update(f"{name}#{s}" for s in merged[part])
-        else:
-            expected.add(name)
+        shards = getattr(param, "shard_ids", None) or merged.get(part)
+        expected[name] = {f"{name}#{s}" for s in shards} if shards else {name}
     return expected
 
 
@@ -115,7 +131,9 @@ def load_checkpoint(model: nn.Module, model_path: str | Path, load_format: str, 
         key = load_weight(model, params, name, tensor)
         if key is not None:
             loaded.add(key)
-    missing = _expected_loads(model, params) - loaded
+    # A parameter loaded whole (e.g. stacked experts in transformers 5's layout) needs none of its shards.
+    missing = {key for name, keys in _expected_loads(model, params).items() if name not in loaded
+               for key in keys - loaded}
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
 

@@ -1,11 +1,14 @@
-"""Llama (and Qwen2, which is Llama with biases on Q/K/V): the math of one forward pass.
+"""Llama (and Qwen2, Llama with biases on Q/K/V, and Mistral, Llama as is): the math of one forward pass.
 
 Input is the flat token batch of a step; attention goes through the backend that
 was planned for the step, so the model itself knows nothing about pages or rows.
 Module names mirror the HF checkpoint; `packed_modules_mapping` says which HF
-tensors land in which merged parameter.
+tensors land in which merged parameter. Each layer's MLP comes from the model
+class's `make_mlp`, so a mixture-of-experts model (qwen3_moe.py) swaps it per layer.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +31,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, config.attention_bias, tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, False, tp)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
+                                        config.attention_out_bias, tp)
         # Qwen3 normalizes each head's q and k before RoPE.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -38,9 +42,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, k)
+        q, k = rope(q, k, self.q_norm, self.k_norm)  # Qwen3 normalizes each head first
         return self.o_proj(attn.forward(q, k, v, self.layer_id).flatten(1))
 
 
@@ -48,21 +50,30 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], False, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], config.mlp_bias, tp)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(size, config.hidden_size, False, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# Builds layer `layer_id`'s MLP: (config, layer_id, tp) → module mapping [T, hidden] to [T, hidden].
+MLPFactory = Callable[[ModelConfig, int, TensorParallel], nn.Module]
+
+
+def dense_mlp(config: ModelConfig, layer_id: int, tp: TensorParallel) -> nn.Module:
+    return LlamaMLP(config, tp)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, tp: TensorParallel, qk_norm: bool = False) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TensorParallel, qk_norm: bool = False,
+                 make_mlp: MLPFactory = dense_mlp) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_id, tp, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, tp)
+        self.mlp = make_mlp(config, layer_id, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
                 attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,11 +88,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int, qk_norm: bool = False) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int, qk_norm: bool = False,
+                 make_mlp: MLPFactory = dense_mlp) -> None:
         super().__init__()
+        config.check_context(max_positions)  # e.g. a sliding window shorter than the served context
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp, qk_norm) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp, qk_norm, make_mlp)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
@@ -107,10 +121,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, tp, max_positions, self.qk_norm)
+        self.model = LlamaModel(config, tp, max_positions, self.qk_norm, self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, config: ModelConfig, layer_id: int, tp: TensorParallel) -> nn.Module:
+        return dense_mlp(config, layer_id, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Final hidden states [T, hidden] of the step's flat token batch."""

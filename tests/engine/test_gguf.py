@@ -13,7 +13,7 @@ import torch
 
 from llmrpc.engine.config import EngineConfig, ModelConfig
 from llmrpc.engine.default_model import ensure_default_gguf
-from llmrpc.engine.gguf import unpermute_rope_rows
+from llmrpc.engine.gguf import GGUFCheckpoint, unpermute_rope_rows
 from llmrpc.engine.runner import ModelRunner
 from llmrpc.engine.step import SlotParams, Step
 
@@ -136,3 +136,88 @@ def test_runner_greedy_tokens_equal_transformers(gguf_runner: ModelRunner, defau
                                   page_counts=np.zeros(2, np.int32)))
     for prompt, tokens in zip(prompts, generated):
         assert tokens == _hf_greedy(hf_gguf_model, prompt, NEW_TOKENS)
+
+
+def _write_qwen3_moe_gguf(hf_model, path: Path) -> Path:
+    """The GGUF llama.cpp's converter writes for a Qwen3-MoE (float32, experts stacked per layer)."""
+    import gguf
+
+    c = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_expert_count(c.num_experts)
+    writer.add_expert_used_count(c.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_eos_token_id(3)
+    names = gguf.TENSOR_NAMES
+    t = gguf.MODEL_TENSOR
+    layer_names = {"input_layernorm": t.ATTN_NORM, "post_attention_layernorm": t.FFN_NORM,
+                   "self_attn.q_proj": t.ATTN_Q, "self_attn.k_proj": t.ATTN_K, "self_attn.v_proj": t.ATTN_V,
+                   "self_attn.o_proj": t.ATTN_OUT, "self_attn.q_norm": t.ATTN_Q_NORM,
+                   "self_attn.k_norm": t.ATTN_K_NORM, "mlp.gate": t.FFN_GATE_INP, "mlp.gate_proj": t.FFN_GATE,
+                   "mlp.up_proj": t.FFN_UP, "mlp.down_proj": t.FFN_DOWN}
+    state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    writer.add_tensor(names[t.TOKEN_EMBD] + ".weight", state.pop("model.embed_tokens.weight"))
+    writer.add_tensor(names[t.OUTPUT_NORM] + ".weight", state.pop("model.norm.weight"))
+    writer.add_tensor(names[t.OUTPUT] + ".weight", state.pop("lm_head.weight"))
+    for i in range(c.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        stacked = f"{prefix}mlp.experts.gate_up_proj"
+        if stacked in state:  # transformers 5 holds experts stacked: [E, 2I, H] and [E, H, I]
+            gate, up = np.split(state.pop(stacked), 2, axis=1)
+            for kind, w in ((t.FFN_GATE_EXP, gate), (t.FFN_UP_EXP, up),
+                            (t.FFN_DOWN_EXP, state.pop(f"{prefix}mlp.experts.down_proj"))):
+                writer.add_tensor(names[kind].format(bid=i) + ".weight", np.ascontiguousarray(w))
+        for part, kind in layer_names.items():
+            if f"{prefix}{part}.weight" in state:
+                writer.add_tensor(names[kind].format(bid=i) + ".weight", state.pop(f"{prefix}{part}.weight"))
+    assert not state, sorted(state)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_qwen3_moe_gguf_reads_as_its_hf_checkpoint(tmp_path: Path) -> None:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=24,
+                               num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                               max_position_embeddings=64, initializer_range=0.2)
+    hf_model = tf.Qwen3MoeForCausalLM(config).float().eval()
+    path = _write_qwen3_moe_gguf(hf_model, tmp_path / "tiny-moe.gguf")
+    checkpoint = GGUFCheckpoint(path)
+    names = [name for name, _ in checkpoint.tensors()]
+    assert len(checkpoint) == len(names) == len(set(names)) == len(hf_model.state_dict()) - 2 + 4 * 3
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in names  # stacked experts come back one by one
+    ours = ModelConfig.load(path)
+    assert ours.architecture == "Qwen3MoeForCausalLM" and ours.moe is not None
+    assert (ours.moe.num_experts, ours.moe.num_experts_per_tok, ours.moe.moe_intermediate_size) == (4, 2, 24)
+    assert ours.moe.norm_topk_prob and ours.moe.mlp_only_layers == (1,) and ours.head_dim == 8
+    # transformers' own GGUF reader agrees on the shape.
+    theirs = tf.AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert (theirs.num_experts, theirs.num_experts_per_tok, theirs.norm_topk_prob) == (4, 2, True)
+    runner = ModelRunner(EngineConfig(model_path=str(path), page_size=4, max_total_tokens=64, max_slots=2))
+    assert runner.info.model_name == "tiny-moe" and runner.info.eos_token_ids == (3,)
+    prompt = [5, 17, 42, 7, 64, 3, 90]
+    with torch.inference_mode():
+        batch = runner.prepare(Step(0, 0, slots=np.array([0], np.int32), starts=np.zeros(1, np.int32),
+                                    chunk_lens=np.array([len(prompt)], np.int32),
+                                    chunk_tokens=np.array(prompt, np.int32), sample_chunks=np.array([True]),
+                                    page_counts=np.array([2], np.int32), page_ids=np.array([0, 1], np.int32),
+                                    admissions=[SlotParams(0, temperature=0.0)]))
+        logits = runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, runner.attention))
+        torch.testing.assert_close(logits, hf_model(torch.tensor([prompt])).logits[0], atol=1e-5, rtol=0)

@@ -1,6 +1,7 @@
 """The weight loader: complete checkpoints only, tensor-parallel slices, deterministic dummy weights."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,63 @@ def test_dummy_weights_are_deterministic_by_seed(tiny_qwen2: Path) -> None:
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["model.layers.0.self_attn.qkv_proj.weight"], c["model.layers.0.self_attn.qkv_proj.weight"])
     assert torch.equal(a["model.norm.weight"], torch.ones(32))
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Layer 0 sparse (4 experts of width 24), layer 1 dense; saved by transformers one tensor per expert."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("qwen3-moe")
+    torch.manual_seed(0)
+    config = tf.Qwen3MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=24,
+                               num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
+    tf.Qwen3MoeForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_experts_shard_their_intermediate_dimension_over_ranks(tiny_qwen3_moe: Path) -> None:
+    w = load_file(tiny_qwen3_moe / "model.safetensors")
+    p = "model.layers.0.mlp."
+    assert f"{p}experts.3.up_proj.weight" in w  # the checkpoint holds one tensor per expert
+    for rank in range(2):
+        model = _model(tiny_qwen3_moe, TensorParallel(rank, 2))
+        load_model_weights(model, tiny_qwen3_moe, show_progress=False)
+        block = model.model.layers[0].mlp
+        half = slice(rank * 12, (rank + 1) * 12)  # 24 wide over 2 ranks
+        for e in range(4):
+            expected = torch.cat([w[f"{p}experts.{e}.gate_proj.weight"][half], w[f"{p}experts.{e}.up_proj.weight"][half]])
+            assert torch.equal(block.experts.gate_up_proj[e], expected)
+            assert torch.equal(block.experts.down_proj[e], w[f"{p}experts.{e}.down_proj.weight"][:, half])
+        assert torch.equal(block.gate.weight, w[f"{p}gate.weight"])  # the router is whole on every rank
+        dense = model.model.layers[1].mlp  # mlp_only_layers: an ordinary MLP, split as one
+        assert torch.equal(dense.down_proj.weight, w["model.layers.1.mlp.down_proj.weight"][:, rank * 20:(rank + 1) * 20])
+
+
+def test_stacked_experts_load_like_per_expert_tensors(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
+    # transformers 5's in-memory layout: each layer's experts stacked, [gate | up] along dim 1.
+    w = load_file(tiny_qwen3_moe / "model.safetensors")
+    p = "model.layers.0.mlp.experts."
+    stacked = {k: v for k, v in w.items() if not k.startswith(p)}
+    stacked[p + "gate_up_proj"] = torch.stack([torch.cat([w[f"{p}{e}.gate_proj.weight"], w[f"{p}{e}.up_proj.weight"]])
+                                               for e in range(4)])
+    stacked[p + "down_proj"] = torch.stack([w[f"{p}{e}.down_proj.weight"] for e in range(4)])
+    save_file(stacked, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((tiny_qwen3_moe / "config.json").read_bytes())
+    for rank in range(2):
+        a, b = _model(tiny_qwen3_moe, TensorParallel(rank, 2)), _model(tmp_path, TensorParallel(rank, 2))
+        load_model_weights(a, tiny_qwen3_moe, show_progress=False)
+        load_model_weights(b, tmp_path, show_progress=False)
+        for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(x, y), name
+
+
+def test_a_missing_expert_tensor_fails_loudly(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
+    weights = load_file(tiny_qwen3_moe / "model.safetensors")
+    del weights["model.layers.0.mlp.experts.3.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((tiny_qwen3_moe / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=re.escape("lacks 1 weights, e.g. "
+                                                   "['model.layers.0.mlp.experts.gate_up_proj#(3, 1)']")):
+        load_model_weights(_model(tmp_path), tmp_path, show_progress=False)

@@ -1,4 +1,4 @@
-"""Our Llama, Qwen2 and Qwen3 against transformers, through the runner's real step path.
+"""Our Llama, Qwen2, Qwen3, Mistral and Qwen3-MoE against transformers, through the runner's real step path.
 
 Tiny random-weight models are saved with save_pretrained, loaded by our
 safetensors loader, and driven step by step like the scheduler would: several
@@ -37,8 +37,22 @@ def _tiny_hf_model(kind: str, path: Path):
                                 rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
         model = tf.LlamaForCausalLM(config)
+    elif kind == "llama-biases":
+        # attention_bias puts biases on q, k, v and o; mlp_bias on gate, up and down.
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, attention_bias=True, mlp_bias=True,
+                                                   tie_word_embeddings=False))
     elif kind == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=10000.0))
+    elif kind == "mistral":
+        # Mistral-7B-v0.3's layout: no biases, no sliding window (MistralConfig's default has one).
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None, rope_theta=1e6,
+                                                       tie_word_embeddings=False))
+    elif kind == "qwen3_moe":
+        # 3 layers: layer 0 dense (mlp_only_layers), 1 and 2 sparse; 8 experts, 3 per token, renormalized.
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=32, moe_intermediate_size=40, num_experts=8,
+            num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
+            tie_word_embeddings=False))
     else:
         # head_dim 32 is not hidden/heads: the explicit head_dim must be honoured.
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False))
@@ -133,12 +147,16 @@ def _drive(runner: ModelRunner, hf_model, requests: list[Request], seed: int) ->
     return step_id
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama-biases": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+@pytest.mark.parametrize("kind", list(ARCHITECTURES))
 def test_logits_match_transformers_in_mixed_batches(kind: str, tmp_path: Path) -> None:
     hf_model = _tiny_hf_model(kind, tmp_path)
     runner = ModelRunner(EngineConfig(model_path=str(tmp_path), page_size=PAGE, max_total_tokens=PAGE * 64,
                                       max_slots=8, max_context=128))
-    expected_arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    expected_arch = ARCHITECTURES[kind]
     assert runner.info.architecture == expected_arch
     assert runner.info.num_pages == 64 and runner.info.context_length == 128
     rng = np.random.default_rng(7)

@@ -2,11 +2,12 @@
 
 Each rank is a real process (spawned) that joins the process group through
 `ModelRunner`'s own init and executes the identical list of Steps, as the
-scheduler's fan-out would send them. Tiny random Llama and Qwen3 checkpoints
-(saved with transformers) cover KV heads split over the ranks and KV heads
-replicated because there are fewer of them than ranks, a vocabulary that does not
-divide by the ranks, tied and untied embeddings, a step whose only chunk samples
-nothing (an empty LM-head gather) and mixed prefill/decode batches.
+scheduler's fan-out would send them. Tiny random Llama, Qwen3 and Qwen3-MoE
+checkpoints (saved with transformers) cover KV heads split over the ranks and KV
+heads replicated because there are fewer of them than ranks, a vocabulary that
+does not divide by the ranks, tied and untied embeddings, experts whose
+intermediate dimension is split over the ranks beside a dense layer, a step whose
+only chunk samples nothing (an empty LM-head gather) and mixed prefill/decode batches.
 """
 from __future__ import annotations
 
@@ -90,9 +91,14 @@ def _tiny_model(kind: str, path: Path) -> Path:
     if kind == "llama":  # 2 KV heads: split over 2 ranks, replicated over 4
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2,
                                                    tie_word_embeddings=True))
-    else:  # 1 KV head: replicated on every rank
+    elif kind == "qwen3":  # 1 KV head: replicated on every rank
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, intermediate_size=96, num_key_value_heads=1,
                                                    head_dim=32, tie_word_embeddings=False))
+    else:  # layer 0 sparse (6 experts, 2 per token, 48 wide: 12 per rank at 4 ranks), layer 1 dense
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **common, intermediate_size=96, num_key_value_heads=2, head_dim=16, moe_intermediate_size=48,
+            num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+            tie_word_embeddings=False))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -104,7 +110,7 @@ def _tiny_model(kind: str, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {kind: _tiny_model(kind, tmp_path_factory.mktemp(kind)) for kind in ("llama", "qwen3")}
+    return {kind: _tiny_model(kind, tmp_path_factory.mktemp(kind)) for kind in ("llama", "qwen3", "qwen3_moe")}
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,23 @@
 # FlashInfer's JIT cache restored from .fi-cache when a previous run saved it.
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-# llmrpc's namespace maps top-level folders (pyproject's package-dir); links give the same layout.
-mkdir -p /tmp/pkg/llmrpc
-for d in engine kernels services bench; do ln -sfn "$PWD/$d" /tmp/pkg/llmrpc/$d; done
-ln -sfn "$PWD/protos/llmrpc/v1" /tmp/pkg/llmrpc/v1
-export PYTHONPATH=/tmp/pkg:/tmp/site
+export PYTHONPATH=/tmp/site
+# pip stamps every file it installs with the install time, so FlashInfer's ninja would find its sources
+# newer than a restored cache's objects and rebuild every module (~100 s of each "warm" start).
+find /tmp/site -exec touch -h -d @946684800 {} +
+# llmrpc as `make install` installs it (pyproject.toml: the strict editable install, a link tree under
+# build/), offline and on the machine's own torch and setuptools.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . --config-settings editable_mode=strict \
+  || exit 1
 if ls .fi-cache/fi-cache.tgz.* >/dev/null 2>&1; then cat .fi-cache/fi-cache.tgz.* | tar xzf - -C "$HOME"; fi
-save_fi_cache() { tar czf - -C "$HOME" .cache/flashinfer | split -b 15m - "$OUT/fi-cache.tgz."; ls -la "$OUT"; }
+# FlashInfer's JIT cache and Triton's, both restored above next time.
+save_fi_cache() { (cd "$HOME" && tar czf - .cache/flashinfer $(ls -d .triton/cache 2>/dev/null)) | split -b 15m - "$OUT/fi-cache.tgz."; }
+# step NAME SECONDS CMD...: runs CMD under `timeout`, given SECONDS or what is left of $BUDGET (the
+# whole call's seconds), logging to $L/NAME.log; the scripts of each device run set BUDGET and L.
+step() {
+  local name=$1 want=$2; shift 2
+  local left=$((${BUDGET:-520} - SECONDS)); [ "$left" -lt "$want" ] && want=$left
+  if [ "$want" -lt 20 ]; then echo "== $name: skipped, no time left"; return; fi
+  timeout "$want" "$@" > "$L/$name.log" 2>&1
+  echo "== $name: rc=$? at ${SECONDS}s (limit ${want}s)"
+}

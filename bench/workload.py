@@ -4,6 +4,10 @@
 tokens of `randint(0, 10000)`; then one `max_tokens = randint(100, 1024)` per
 request. Sampling at temperature 0.6 with EOS ignored, so every request produces
 exactly its max_tokens and the output count is fixed: 133,966 tokens.
+
+`warmup_workload` is what the benches run first (JIT, graphs, allocator): short
+prompts that share no prefix with the timed ones, so the timed run finds nothing
+of its own in the prefix cache.
 """
 from __future__ import annotations
 
@@ -39,3 +43,17 @@ def offline_workload(num_requests: int = NUM_REQUESTS, seed: int = 0) -> Workloa
         assert workload.prompt_tokens == PROMPT_TOKENS, workload.prompt_tokens
         assert workload.output_tokens == OUTPUT_TOKENS, workload.output_tokens
     return workload
+
+
+def warmup_workload(timed: Workload, num_requests: int = 64, prompt_tokens: int = 200, max_tokens: int = 40,
+                    seed: int = 1) -> Workload:
+    """Random prompts whose first token no timed prompt starts with: not even one token of a prefix is shared."""
+    rng = random.Random(seed)
+    firsts = {p[0] for p in timed.prompts if p}
+    prompts = []
+    for _ in range(num_requests):
+        prompt = [rng.randint(0, 10000) for _ in range(prompt_tokens)]
+        while prompt[0] in firsts:
+            prompt[0] = rng.randint(0, 10000)
+        prompts.append(prompt)
+    return Workload(prompts, [max_tokens] * num_requests)

@@ -10,17 +10,18 @@ Prefill and mixed steps run eagerly: their shapes vary too much to capture.
 """
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
 from llmrpc.engine.forward_batch import ForwardBatch
 from llmrpc.engine.kv_cache import KVPool
-from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
+from llmrpc.kernels.base import AttentionMetadata
 
-log = logging.getLogger("llmrpc.engine")
+if TYPE_CHECKING:
+    from llmrpc.engine.models.llama import LlamaForCausalLM
+    from llmrpc.kernels.flashinfer_backend import FlashInferAttentionBackend
 
 
 def capture_sizes(max_bs: int) -> list[int]:
@@ -32,7 +33,7 @@ def capture_sizes(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, attention: AttentionBackend, kv_pool: KVPool, scratch_page: int,
+    def __init__(self, model: LlamaForCausalLM, attention: FlashInferAttentionBackend, kv_pool: KVPool, scratch_page: int,
                  max_bs: int) -> None:
         self.model = model
         self.attention = attention
@@ -92,7 +93,6 @@ class DecodeGraphs:
                 self.graphs[bs] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs of decode for batch sizes %s", self.sizes)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         m = batch.attention

@@ -81,12 +81,12 @@ def init_tensor_parallel(config: EngineConfig) -> TensorParallel:
                                f"of {dist.get_world_size()}, not {tp.rank} of {tp.size}")
         return tp
     device = torch.device(config.device)
-    options = {}
+    device_id: torch.device | None = None
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-        options["device_id"] = device  # binds the NCCL communicator to this GPU at once
+        device_id = device  # binds the NCCL communicator to this GPU at once
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{config.dist_init_addr}",
-                            rank=tp.rank, world_size=tp.size, timeout=PROCESS_GROUP_TIMEOUT, **options)
+                            rank=tp.rank, world_size=tp.size, timeout=PROCESS_GROUP_TIMEOUT, device_id=device_id)
     return tp

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, cast
 
 import numpy as np
 import torch
@@ -31,7 +32,12 @@ from llmrpc.engine.models import model_class
 from llmrpc.engine.parallel import init_tensor_parallel
 from llmrpc.engine.sampling import Sampler
 from llmrpc.engine.step import Step, StepOutput
-from llmrpc.kernels import create_attention_backend, resolve_attention_backend
+from llmrpc.kernels import AttentionMetadata, create_attention_backend, resolve_attention_backend
+
+if TYPE_CHECKING:
+    from llmrpc.engine.cuda_graph import DecodeGraphs
+    from llmrpc.engine.models.llama import LlamaAttention
+    from llmrpc.kernels.flashinfer_backend import FlashInferAttentionBackend
 
 log = logging.getLogger("llmrpc.engine")
 
@@ -79,6 +85,25 @@ class PendingOutput:
         return out
 
 
+class _Phases:
+    """Start-up progress: one log line per phase with its time (device work included)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.last = time.perf_counter()
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def done(self, message: str, *args: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        log.info(message + " (%.1f s)", *args, now - self.last)
+        self.last = now
+
+
 @contextlib.contextmanager
 def _default_tensor_placement(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Parameters are created directly on `device` in `dtype` (no CPU copy of a big model first)."""
@@ -100,18 +125,22 @@ class ModelRunner:
         mc = self.model_config
         self.max_context = config.max_context or mc.max_position_embeddings
         self.tp = init_tensor_parallel(config)  # joins the ranks' process group before any collective
+        phase = _Phases(self.device)
         with _default_tensor_placement(self.device, self.dtype):
             self.model = model_class(mc)(mc, self.tp, self.max_context)
         self.model.eval()
         fmt = load_model_weights(self.model, config.model_path, config.load_format, config.seed,
                                  show_progress=config.tp_rank == 0)
-        attn0 = self.model.model.layers[0].self_attn
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        phase.done("weights: %s, %.2f GiB on %s", fmt, weight_bytes / 2**30, self.device)
+        attn0 = cast("LlamaAttention", self.model.model.layers[0].self_attn)
         bytes_per_token = KVPool.bytes_per_token(mc.num_hidden_layers, attn0.num_kv_heads, mc.head_dim, self.dtype)
         backend = resolve_attention_backend(config.attention_backend, config.device)
         use_graphs = config.is_cuda and config.cuda_graph_max_bs > 0 and backend == "flashinfer"
         num_pages = plan_num_pages(config, bytes_per_token)
-        # With CUDA graphs one extra page, never reported to the scheduler, takes padded rows' K/V.
-        self.kv_pool = KVPool(mc.num_hidden_layers, num_pages + int(use_graphs), config.page_size,
+        # On a GPU one extra page, never reported to the scheduler, takes the K/V of the start-up
+        # warm-up and of padded graph rows.
+        self.kv_pool = KVPool(mc.num_hidden_layers, num_pages + int(config.is_cuda), config.page_size,
                               attn0.num_kv_heads, mc.head_dim, config.max_slots, self.max_context,
                               self.dtype, self.device)
         self.attention = create_attention_backend(backend, config.device, kv_pool=self.kv_pool,
@@ -119,12 +148,20 @@ class ModelRunner:
         self.sampler = Sampler(config.max_slots, mc.vocab_size, self.device, config.seed)
         # Each slot's last sampled token: the input of its next decode row, never leaving the device.
         self.last_tokens = torch.zeros(config.max_slots, dtype=torch.long, device=self.device)
-        self.graphs = None
+        phase.done("KV pool: %d pages of %d tokens, %.2f GiB", num_pages, config.page_size,
+                   num_pages * config.page_size * bytes_per_token / 2**30)
+        if config.is_cuda:
+            self._warm_up(scratch_page=num_pages)
+            phase.done("kernels: FlashInfer modules loaded, Triton kernels compiled (one %s prefill)", backend)
+        self.graphs: DecodeGraphs | None = None
         if use_graphs:
             from llmrpc.engine.cuda_graph import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self.model, self.attention, self.kv_pool, scratch_page=num_pages,
+            # use_graphs: the backend is FlashInfer's, the one with graph buffers.
+            self.graphs = DecodeGraphs(self.model, cast("FlashInferAttentionBackend", self.attention), self.kv_pool,
+                                       scratch_page=num_pages,
                                        max_bs=min(config.cuda_graph_max_bs, config.max_slots))
+            phase.done("graph capture: decode batch sizes %s", ",".join(map(str, self.graphs.sizes)))
         self.info = EngineInfo(
             model_name=mc.name, architecture=mc.architecture, context_length=self.max_context,
             vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, num_pages=num_pages,
@@ -132,8 +169,27 @@ class ModelRunner:
             dtype=config.torch_dtype_name, model_path=config.model_path, tp_rank=config.tp_rank,
             tp_size=config.tp_size, attention_backend=backend,
         )
-        log.info("loaded %s (%s, %s weights) on %s: %d KV pages of %d tokens", mc.name, mc.architecture, fmt,
-                 self.device, self.kv_pool.num_pages, config.page_size)
+        log.info("loaded %s (%s, %s weights) on %s: %d KV pages of %d tokens, in %.1f s", mc.name, mc.architecture,
+                 fmt, self.device, num_pages, config.page_size, phase.total)
+
+    @torch.inference_mode()
+    def _warm_up(self, scratch_page: int) -> None:
+        """One eager prefill of a few tokens into the scratch page, then one draw of each sampler: every
+        kernel module loads (FlashInfer builds what its JIT cache lacks) and every Triton kernel compiles
+        before the worker reports ready, not inside the first request."""
+        ps, device = self.config.page_size, self.device
+        n = min(ps, 8)
+        meta = AttentionMetadata(
+            page_size=ps, num_decode=0, qo_lens=np.array([n], np.int32), kv_lens=np.array([n], np.int32),
+            qo_indptr=np.array([0, n], np.int32), kv_indptr=np.array([0, 1], np.int32),
+            kv_last_page_len=np.array([n], np.int32),
+            kv_indices=torch.tensor([scratch_page], dtype=torch.int32, device=device),
+            out_loc=scratch_page * ps + torch.arange(n, device=device),
+            positions=torch.arange(n, device=device))
+        self.attention.plan(meta)
+        hidden = self.model(torch.zeros(n, dtype=torch.long, device=device), meta.positions, self.attention)
+        self.sampler.warm_up(self.model.compute_logits(hidden[-1:]))
+        torch.cuda.synchronize(device)
 
     @torch.inference_mode()
     def execute(self, step: Step) -> StepOutput:
@@ -166,7 +222,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [S, vocab] at the last token of each row that samples."""
-        if batch.graph_size:
+        if batch.graph_size and self.graphs is not None:
             return self.graphs.replay(batch.graph_size, batch.attention.num_rows)
         hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[batch.sample_indices])
@@ -187,7 +243,7 @@ class ModelRunner:
         device = {"tokens": tokens.to(torch.int32)}
         if result.logprobs is not None:
             device["logprobs"] = result.logprobs
-            if result.top_ids is not None:
+            if result.top_ids is not None and result.top_logprobs is not None:
                 device["top_ids"] = result.top_ids.to(torch.int32)
                 device["top_logprobs"] = result.top_logprobs
         if not self.config.is_cuda:

@@ -14,7 +14,11 @@ for a row, on float32 logits:
 4. rows that filter: divide by temperature, softmax, sort descending; keep
    tokens with p >= min_p * p_max, then the top_k first, then (renormalized over
    what is left) the shortest prefix whose mass reaches top_p; draw one uniform
-   number through the inverse CDF of what is left.
+   number through the inverse CDF of what is left. On a GPU with FlashInfer, an
+   unseeded row draws from the same distribution through FlashInfer's sampling
+   kernels instead (softmax, top-k renormalization, top-p rejection sampling:
+   no sort of the vocabulary); seeded rows keep the sort, whose one uniform per
+   row is what (seed, position) fixes.
 
 Randomness is one 64-bit race key or one uniform per row and step. A seeded
 request's comes from a generator keyed by (seed, position of the sampled token),
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 
 from llmrpc.engine.step import SlotParams
-from llmrpc.kernels.sampling import race_sample
+from llmrpc.kernels import fused
+from llmrpc.kernels.sampling import filtered_sample_flashinfer, race_sample
 
 _KEY_HIGH = np.iinfo(np.int64).max
 
@@ -98,6 +103,9 @@ class Sampler:
         self.penalized = np.zeros(max_slots, dtype=bool)
         self.logprobs = np.full(max_slots, -1, dtype=np.int64)
         self._rng = np.random.default_rng(seed)
+        # FlashInfer's samplers for unseeded filtering rows on a GPU, drawing from a device generator.
+        self._fi = fused.flashinfer_module() if self.device.type == "cuda" else None
+        self._generator: torch.Generator | None = None
         self.seeds = np.zeros(max_slots, dtype=np.uint64)
         self.seeded = np.zeros(max_slots, dtype=bool)
         # [max_slots, vocab] history, allocated when the first request with a penalty arrives.
@@ -118,7 +126,7 @@ class Sampler:
         self.seeded[s] = p.seed is not None
         self.penalized[s] = p.uses_penalties
         if self.penalized[s]:
-            if self._output_counts is None:
+            if self._output_counts is None or self._prompt_mask is None:
                 shape = (len(self.temperature), self.vocab_size)
                 self._prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
                 self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -146,6 +154,34 @@ class Sampler:
     def _uniforms(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return np.array([self._draw_rng(int(s), int(p)).random() for s, p in zip(slots, positions)])
 
+    def _filters(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self._rows(self.temperature, slots, torch.float32), self._rows(self.top_k, slots, torch.int64),
+                self._rows(self.top_p, slots, torch.float32), self._rows(self.min_p, slots, torch.float32))
+
+    def _sort_draw(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Filtering rows by sort and inverse CDF, one uniform each from `_draw_rng`."""
+        probs, ids = filter_sorted(logits.float(), *self._filters(slots))
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.from_numpy(self._uniforms(slots, positions)).to(self.device, torch.float32, non_blocking=True)
+        pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).clamp_(max=self.vocab_size - 1)
+        return ids.gather(1, pick).squeeze(1)
+
+    def _kernel_draw(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Unseeded top-k / top-p rows (no min-p) through FlashInfer's kernels (no sort)."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device).manual_seed(int(self._rng.integers(1 << 62)))
+        temperature, top_k, top_p, _ = self._filters(slots)
+        return filtered_sample_flashinfer(self._fi, logits, temperature, top_k, top_p, None, self._generator)
+
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """One draw down each device path (the race; FlashInfer's filters where present) from logits
+        [1, V], so their kernels are built before the first request; no slot or generator state moves."""
+        one = torch.ones(1, device=self.device)
+        race_sample(logits, one, torch.zeros(1, dtype=torch.int64, device=self.device))
+        if self._fi is not None:
+            filtered_sample_flashinfer(self._fi, logits, one, torch.full((1,), 2, device=self.device),
+                                       0.9 * one, 0.1 * one, torch.Generator(device=self.device))
+
     def sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> SampleResult:
         """Row i of `logits` [S, V] belongs to `slots[i]` and samples the token at `positions[i]` of its
         sequence (the number of tokens before it); returns the sampled tokens on the device.
@@ -156,6 +192,7 @@ class Sampler:
         raw = logits
         rows = np.flatnonzero(self.penalized[slots])
         if len(rows):
+            assert self._prompt_mask is not None and self._output_counts is not None  # admit made them
             r, s = torch.from_numpy(rows).to(self.device, non_blocking=True), torch.from_numpy(slots[rows]).to(self.device, non_blocking=True)
             logits = logits.to(torch.float32, copy=True)
             logits[r] = apply_penalties(logits[r], self._prompt_mask[s], self._output_counts[s],
@@ -181,21 +218,22 @@ class Sampler:
             else:
                 tokens = torch.where(torch.from_numpy(race).to(self.device, non_blocking=True), drawn, tokens)
         if filtered.any():
-            draw = np.flatnonzero(filtered)
-            ds = slots[draw]
-            idx = torch.from_numpy(draw).to(self.device, non_blocking=True)
-            probs, ids = filter_sorted(logits[idx].float(), self._rows(self.temperature, ds, torch.float32),
-                                       self._rows(self.top_k, ds, torch.int64),
-                                       self._rows(self.top_p, ds, torch.float32),
-                                       self._rows(self.min_p, ds, torch.float32))
-            cdf = probs.cumsum(dim=-1)
-            target = torch.from_numpy(self._uniforms(ds, positions[draw])).to(self.device, torch.float32, non_blocking=True)[:, None] * cdf[:, -1:]
-            pick = torch.searchsorted(cdf, target, right=True).clamp_(max=self.vocab_size - 1)
-            picked = ids.gather(1, pick).squeeze(1)
             if tokens is None:
                 tokens = torch.empty(len(slots), dtype=torch.int64, device=logits.device)
-            tokens[idx] = picked
+            # FlashInfer draws a batch from one random stream: only rows without a seed may take it.
+            # Nor rows with min-p: masked before its top-k/top-p kernel, min-p drew far from
+            # filtered_probs on the H200 (total variation 0.42-0.52, bench/kernel_check.py), so
+            # those keep the sort path.
+            by_kernel = (filtered & ~self.seeded[slots] & (self.min_p[slots] <= 0.0) if self._fi is not None
+                         else np.zeros_like(filtered))
+            for mask, draw in ((by_kernel, self._kernel_draw), (filtered & ~by_kernel, self._sort_draw)):
+                if mask.any():
+                    chosen = np.flatnonzero(mask)
+                    idx = torch.from_numpy(chosen).to(self.device, non_blocking=True)
+                    tokens[idx] = draw(logits[idx], slots[chosen], positions[chosen])
+        assert tokens is not None  # every row is greedy, racing or filtered
         if len(rows):
+            assert self._output_counts is not None
             self._output_counts.index_put_((s, tokens[r]), torch.ones(len(rows), dtype=torch.int32, device=self.device),
                                            accumulate=True)
         result = SampleResult(tokens)

@@ -5,7 +5,7 @@ batch prefill kernel over the pages, causal within each row's new tokens and
 open over its cached prefix (FlashInfer aligns the causal mask to the end of the
 KV, which is exactly "query i sits at position prefix + i"). A pure decode step
 runs the batch decode kernel with tensor cores, which pays off for GQA. New K/V
-go into the pages with one scatter per tensor at the step's `out_loc`.
+go into the pages at the step's `out_loc` in one launch (kernels/fused.py `store_kv`).
 
 For CUDA graphs the backend keeps one decode wrapper per captured batch size,
 each with fixed index buffers that `plan_graph()` refills before a replay; the
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from llmrpc.kernels import fused
 from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
@@ -120,12 +121,9 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     # ---- per layer ------------------------------------------------------------------
 
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> None:
-        k_flat = self.kv_pool.k[layer_id].view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = self.kv_pool.v[layer_id].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, self._out_loc, k.to(self.dtype))
-        v_flat.index_copy_(0, self._out_loc, v.to(self.dtype))
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        self.store_kv(k, v, layer_id)
-        return self._active.run(q.contiguous(), (self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]))
+        k_cache, v_cache = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
+        assert self._out_loc is not None, "plan() comes first"
+        fused.store_kv(k_cache, v_cache, self._out_loc, k, v)
+        # FlashInfer reads q through its strides: a view into the QKV output needs no copy.
+        return self._active.run(q if q.stride(-1) == 1 else q.contiguous(), (k_cache, v_cache))

@@ -1,10 +1,12 @@
-"""Fused elementwise kernels of the model's layers: RMSNorm, add + RMSNorm, SiLU-and-mul, RoPE.
+"""Fused elementwise kernels of the model's layers: RMSNorm, add + RMSNorm, SiLU-and-mul, Q/K norm + RoPE,
+and the K/V store into the paged cache.
 
 Each op has a plain PyTorch version (the reference: the CPU path, and any GPU
-without FlashInfer) and a FlashInfer version used for CUDA tensors when
-flashinfer is importable. On a GPU the torch versions cost 5-12 small kernels
-each; in a CUDA-graphed decode step of a small model those launches, not the
-bytes, set the step time, so one kernel per op matters there.
+without FlashInfer or Triton) and a fused version used for CUDA tensors: FlashInfer's
+kernels, or ours in kernels/triton_fused.py where one Triton launch replaces several
+(Qwen3's Q/K norm with RoPE; K and V stored together). On a GPU the torch versions
+cost 5-12 small kernels each; in a CUDA-graphed decode step of a small model those
+launches, not the bytes, set the step time, so one kernel per op matters there.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from llmrpc.kernels import triton_fused
+
 
 @functools.cache
-def _flashinfer():
+def flashinfer_module():
     """The flashinfer module, or None where it is not installed (imported on first CUDA use only)."""
     if importlib.util.find_spec("flashinfer") is None:
         return None
@@ -26,7 +30,7 @@ def _flashinfer():
 
 
 def _fused(x: torch.Tensor):
-    return _flashinfer() if x.is_cuda else None
+    return flashinfer_module() if x.is_cuda else None
 
 
 # ---- torch references ---------------------------------------------------------------------
@@ -49,6 +53,35 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [T, heads, head_dim] rotated by its position's angle (half-split "neox" layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_cos_sin(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, 1, head_dim] at `positions` from the cache [max_pos, head_dim] (cos half, sin half)."""
+    cos, sin = cos_sin[positions].to(dtype).chunk(2, dim=-1)
+    return torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
+
+
+def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                       q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `qk_norm_rope_` computes, out of place: each head's RMSNorm (when weights are given), then RoPE
+    in float32."""
+    cos, sin = rope_cos_sin(cos_sin, positions, torch.float32)
+
+    def one(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is not None:
+            x = rms_norm_torch(x, weight, eps)
+        return rope_torch(x.float(), cos, sin).to(x.dtype)
+
+    return one(q, q_weight), one(k, k_weight)
+
+
+def store_kv_torch(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+    """Token t's K and V go to slot loc[t] of the caches [pages, page_size, kv_heads, head_dim]."""
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        flat = cache.view(-1, *x.shape[1:])
+        flat.index_copy_(0, loc, x.to(flat.dtype))
 
 
 # ---- dispatching ops ------------------------------------------------------------------------------
@@ -79,10 +112,41 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_inplace_supported(x: torch.Tensor) -> bool:
-    return _fused(x) is not None
+    """Whether `qk_norm_rope_` has a fused kernel for tensors on x's device."""
+    return x.is_cuda and (triton_fused.available() or flashinfer_module() is not None)
 
 
-def rope_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    """Rotates contiguous q [T, heads, d] and k [T, kv_heads, d] in place; cos_sin [max_pos, d] float32."""
-    _flashinfer().apply_rope_with_cos_sin_cache_inplace(
-        positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1), q.shape[-1], cos_sin, is_neox=True)
+# Which kernel rotates q and k when there is no norm to fuse: FlashInfer's until bench/kernel_check.py
+# measures the Triton one faster (with the norm, Triton's one launch replaces FlashInfer's three).
+PLAIN_ROPE_KERNEL = "flashinfer"
+
+
+def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                  q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6, kernel: str = "auto") -> None:
+    """In place on q [T, heads, d] and k [T, kv_heads, d], which may be views into the QKV output: each
+    head RMS-normalized (when weights are given), then rotated; cos_sin [max_pos, d] float32. CUDA only
+    (`rope_inplace_supported`); `kernel` "triton" or "flashinfer" forces one (bench/kernel_check.py).
+    """
+    fi = flashinfer_module()
+    if kernel == "auto":
+        triton_first = q_weight is not None or PLAIN_ROPE_KERNEL == "triton" or fi is None
+        kernel = "triton" if triton_first and triton_fused.available() else "flashinfer"
+    if kernel == "triton":
+        triton_fused.qk_norm_rope(q, k, positions, cos_sin, q_weight, k_weight, eps)
+        return
+    if q_weight is not None:
+        fi.rmsnorm(q, q_weight, eps, out=q)  # 3-D input: FlashInfer's per-head kernel, strided rows
+        fi.rmsnorm(k, k_weight, eps, out=k)
+    fi.apply_rope_with_cos_sin_cache_inplace(positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1),
+                                             q.shape[-1], cos_sin, is_neox=True)
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, kernel: str = "auto") -> None:
+    """New K/V [T, kv_heads, d] into their cache slots `loc` (page * page_size + offset): on CUDA one
+    Triton launch for both (index_copy_ takes one per tensor); `kernel` "torch" forces index_copy_."""
+    if kernel == "triton" or (kernel == "auto" and k.is_cuda and triton_fused.available()):
+        triton_fused.store_kv(k_cache, v_cache, loc, k, v)
+    else:
+        store_kv_torch(k_cache, v_cache, loc, k, v)

@@ -1,4 +1,5 @@
-"""Race sampling: one categorical draw per row from softmax(logits / T), in one pass, no sort or cumsum.
+"""Sampling kernels. Race sampling: one categorical draw per row from softmax(logits / T), in one pass, no sort
+or cumsum; and FlashInfer's filtered sampling.
 
 The exponential race (the Gumbel-max trick): with E_v ~ Exp(1) independent,
 argmax_v exp(l_v / T) / E_v, i.e. argmax_v (l_v / T - log E_v), is distributed
@@ -17,13 +18,18 @@ where float rounding (log, fused multiply-add) decides a near-tie.
 E is built from 32 random bits as -log(1 - w), w in (0, 1), with a series for
 small w: its smallest values, which decide the race for unlikely tokens, keep
 their precision instead of collapsing onto the float32 spacing near 1.
+
+Rows that filter (top-k, top-p, min-p) and carry no seed can instead draw
+through FlashInfer's sampling kernels (`filtered_sample_flashinfer`), which
+need no sort of the vocabulary.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from llmrpc.kernels import triton_fused
 
 _MASK32 = 0xFFFFFFFF
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B  # lowbias32 (Wellons): full avalanche in two multiplies
@@ -78,15 +84,13 @@ def race_sample_torch(logits: torch.Tensor, inv_temperature: torch.Tensor, keys:
 
 @functools.cache
 def _triton_kernel():
-    """The compiled-on-first-use kernel, or None where Triton is missing."""
-    if importlib.util.find_spec("triton") is None:
-        return None
+    """The race kernel, built on first use."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def race_kernel(logits_ptr, stride, inv_t_ptr, key_lo_ptr, key_hi_ptr, best_ptr, best_id_ptr,
-                    vocab, segment, num_segments, BLOCK: tl.constexpr):
+                    vocab, num_segments, SEGMENT: tl.constexpr, BLOCK: tl.constexpr):
         # Program (row, seg) races the tokens of one vocabulary segment; a tiny argmax over the
         # segments' winners finishes the row (many programs per row keep every SM busy).
         row = tl.program_id(0)
@@ -94,12 +98,13 @@ def _triton_kernel():
         inv_t = tl.load(inv_t_ptr + row)
         key_lo = tl.load(key_lo_ptr + row).to(tl.uint32)
         key_hi = tl.load(key_hi_ptr + row).to(tl.uint32)
-        start = seg * segment
+        start = seg * SEGMENT
         best = tl.full([], float("-inf"), tl.float32)
         best_id = tl.full([], 0, tl.int32)
-        for off in range(start, start + segment, BLOCK):
-            ids = off + tl.arange(0, BLOCK)
-            ok = (ids < vocab) & (ids < start + segment)
+        # Constant bounds: the segment is a compile-time size (and Triton's interpreter loops only over those).
+        for off in range(0, SEGMENT, BLOCK):
+            ids = start + off + tl.arange(0, BLOCK)
+            ok = ids < vocab
             logit = tl.load(logits_ptr + row * stride + ids, mask=ok, other=float("-inf")).to(tl.float32)
             # lowbias32 three times, written out: a nested @jit helper would not resolve from this closure.
             x = ids.to(tl.uint32) ^ key_lo
@@ -124,7 +129,7 @@ def _triton_kernel():
             score = tl.where(ok, logit * inv_t - tl.log(noise), float("-inf"))
             m, i = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
             take = m > best  # strict: the first maximum wins, as in torch.argmax
-            best_id = tl.where(take, off + i, best_id)
+            best_id = tl.where(take, start + off + i, best_id)
             best = tl.where(take, m, best)
         tl.store(best_ptr + row * num_segments + seg, best)
         tl.store(best_id_ptr + row * num_segments + seg, best_id)
@@ -138,9 +143,14 @@ _BLOCK = 2048
 
 def race_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """int64 [R] draws; the Triton kernel for CUDA tensors where Triton is installed, torch otherwise."""
-    kernel = _triton_kernel() if logits.is_cuda else None
-    if kernel is None:
-        return race_sample_torch(logits, inv_temperature, keys)
+    if logits.is_cuda and triton_fused.available():
+        return race_sample_triton(logits, inv_temperature, keys)
+    return race_sample_torch(logits, inv_temperature, keys)
+
+
+def race_sample_triton(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The race as the Triton kernel runs it (CUDA tensors; CPU ones under TRITON_INTERPRET=1)."""
+    kernel = _triton_kernel()
     rows, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -150,5 +160,27 @@ def race_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch
     keys = keys.to(torch.int64)
     kernel[(rows, num_segments)](logits, logits.stride(0), inv_temperature.float().contiguous(),
                                  keys & 0xFFFFFFFF, (keys >> 32) & 0xFFFFFFFF, best, best_id,
-                                 vocab, _SEGMENT, num_segments, BLOCK=_BLOCK)
+                                 vocab, num_segments, SEGMENT=_SEGMENT, BLOCK=_BLOCK)
     return best_id.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1).to(torch.int64)
+
+
+# ---- filtered rows through FlashInfer (CUDA) ----------------------------------------------
+
+
+def filtered_sample_flashinfer(fi, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                               top_p: torch.Tensor, min_p: torch.Tensor | None,
+                               generator: torch.Generator) -> torch.Tensor:
+    """int64 [R] draws from softmax(logits / T) filtered as engine/sampling.py defines it (min-p and
+    top-k, then top-p over what is left), by FlashInfer's kernels (`fi` is the module): no sort.
+
+    `top_k` <= 0 and `top_p` >= 1 mean off; `min_p` None: no row has one. One Philox stream from
+    `generator` serves the whole batch, so rows are not keyed one by one: seeded rows never come here.
+    """
+    probs = fi.sampling.softmax(logits.float(), temperature.float())
+    if min_p is not None:
+        # min-p and top-k both keep a prefix of the sorted tokens, so masking one before the other
+        # keeps the same set; top-k's renormalization then covers both.
+        probs = torch.where(probs >= min_p[:, None] * probs.amax(dim=-1, keepdim=True), probs, 0.0)
+    k = torch.where(top_k > 0, top_k, probs.shape[-1]).to(torch.int32)
+    return fi.sampling.top_k_top_p_sampling_from_probs(probs, k, top_p.float(), filter_apply_order="top_k_first",
+                                                       generator=generator).to(torch.int64)

@@ -1,4 +1,4 @@
-"""Paged attention in plain PyTorch: index_copy into the pages, SDPA over gathered pages.
+"""Paged attention in plain PyTorch: K/V stored into the pages (kernels/fused.py), SDPA over gathered pages.
 
 Used on the CPU and anywhere no faster backend is installed. `plan()` turns the
 page lists into token-level gather indices once per step; each layer then gathers
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmrpc.kernels import fused
 from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
@@ -58,12 +59,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         m = self._meta
+        assert m is not None, "plan() comes first"
         k_cache, v_cache = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
+        fused.store_kv(k_cache, v_cache, m.out_loc, k, v)
         num_kv_heads, head_dim = k_cache.shape[-2:]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, m.out_loc, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, m.out_loc, v.to(v_flat.dtype))
         out = torch.empty_like(q)
         nd = m.num_decode
         if nd:

@@ -20,7 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = -(-num_embeddings // tp.size)
         self.vocab_start = tp.rank * self.rows_per_rank
         self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, embedding_dim), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]  # engine/loader.py calls it
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if loaded_weight.shape != (self.num_embeddings, param.shape[1]):

@@ -8,6 +8,8 @@ all-reduce per block.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,16 +17,16 @@ from torch import nn
 from llmrpc.engine.parallel import TensorParallel
 
 
-def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     """A replicated parameter: the checkpoint tensor as is."""
     if param.shape != loaded_weight.shape:
         raise ValueError(f"weight shape {tuple(loaded_weight.shape)} does not fit parameter {tuple(param.shape)}")
     param.data.copy_(loaded_weight)
 
 
-def _parameter(*shape: int, loader) -> nn.Parameter:
+def _parameter(*shape: int, loader: Callable[..., None]) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    param.weight_loader = loader
+    param.weight_loader = loader  # type: ignore[attr-defined]  # engine/loader.py calls it
     return param
 
 
@@ -56,7 +58,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(  # type: ignore[override]  # the loader passes merged layers a shard id
+            self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int) -> None:
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         default_weight_loader(param.narrow(0, offset, size), loaded_weight.narrow(0, self.tp.rank * size, size))
@@ -90,7 +93,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.weight = _parameter(self.output_size, hidden_size, loader=self.weight_loader)
         self.bias = _parameter(self.output_size, loader=self.weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(  # type: ignore[override]  # the loader passes merged layers a shard id
+            self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str) -> None:
         if shard_id == "q":
             offset, size, start = 0, self.q_size, self.tp.rank * self.q_size
         elif shard_id in ("k", "v"):

@@ -7,18 +7,22 @@ batch can sit at any positions.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from llmrpc.kernels import fused
 
+if TYPE_CHECKING:
+    from llmrpc.engine.layers.norm import RMSNorm
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Per-pair inverse frequencies, as transformers computes them for each rope type."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (scaling or {}).get("rope_type", "default")
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", "default")
     if rope_type == "default":
         return inv_freq
     factor = float(scaling["factor"])
@@ -39,6 +43,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
+    cos_sin: torch.Tensor  # [max_positions, head_dim] float32: cos then sin
+
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -49,8 +55,7 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin_for(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, head_dim] for the tokens at `positions`, shared by all layers of a pass."""
-        cos, sin = self.cos_sin[positions].to(dtype).chunk(2, dim=-1)
-        return torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([sin, sin], -1).unsqueeze(1)
+        return fused.rope_cos_sin(self.cos_sin, positions, dtype)
 
     def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         """The rotation of one forward pass, applied by every layer."""
@@ -61,18 +66,22 @@ class RotaryEmbedding(nn.Module):
 
 
 class Rope:
-    """Rotates q and k of one pass: one fused in-place kernel on CUDA, else the torch reference
-    over cos/sin gathered once per pass."""
+    """Rotates q and k of one pass (after Qwen3's per-head norms, when given): one fused in-place kernel
+    on CUDA, else the torch reference over cos/sin gathered once per pass."""
 
     def __init__(self, positions: torch.Tensor, cos_sin: torch.Tensor, cos: torch.Tensor | None,
                  sin: torch.Tensor | None) -> None:
         self.positions, self.cos_sin, self.cos, self.sin = positions, cos_sin, cos, sin
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos is None:
-            q, k = q.contiguous(), k.contiguous()
-            fused.rope_inplace(q, k, self.positions, self.cos_sin)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
+                 k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """On CUDA q and k (views into the QKV output) are rewritten in place and returned."""
+        if self.cos is None or self.sin is None:  # both or neither
+            fused.qk_norm_rope_(q, k, self.positions, self.cos_sin, None if q_norm is None else q_norm.weight,
+                                None if k_norm is None else k_norm.weight, 0.0 if q_norm is None else q_norm.eps)
             return q, k
+        if q_norm is not None and k_norm is not None:  # both or neither
+            q, k = q_norm(q), k_norm(k)
         return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from llmrpc.engine.config import EngineConfig
 from llmrpc.engine.runner import ModelRunner
@@ -106,3 +107,18 @@ def test_refuses_rows_without_kv_room(runner: ModelRunner) -> None:
                 admissions=[SlotParams(5)])
     with pytest.raises(ValueError, match="slot 5 needs KV room for 5 tokens but its pages hold 4"):
         runner.execute(step)
+
+
+def test_logits_only_at_the_sampled_rows_and_equal_to_the_full_ones(runner: ModelRunner) -> None:
+    # Two prompt chunks in one step; only the second samples. The LM head runs on its last token
+    # alone, and gives what it gives over every token's hidden state at that row.
+    step = Step(0, 0, slots=_i32(1, 2), starts=_i32(0, 0), chunk_lens=_i32(3, 4),
+                chunk_tokens=_i32(5, 6, 7, 8, 9, 10, 11), sample_chunks=np.array([False, True]),
+                page_counts=_i32(1, 1), page_ids=_i32(25, 26), admissions=[SlotParams(1), SlotParams(2)])
+    batch = runner.prepare(step)
+    logits = runner.forward(batch)
+    assert logits.shape == (1, runner.info.vocab_size)
+    assert batch.sample_indices.tolist() == [6]
+    runner.attention.plan(batch.attention)  # the same step again, every token's logits
+    full = runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, runner.attention))
+    torch.testing.assert_close(logits, full[6:7], rtol=1e-5, atol=1e-5)

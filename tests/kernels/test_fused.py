@@ -34,6 +34,6 @@ def test_silu_and_mul_and_rope_reference() -> None:
 
 def test_flashinfer_is_registered_but_auto_needs_it_importable() -> None:
     assert _BACKENDS["flashinfer"] == "llmrpc.kernels.flashinfer_backend:FlashInferAttentionBackend"
-    expected = "flashinfer" if fused._flashinfer() is not None else "torch"
+    expected = "flashinfer" if fused.flashinfer_module() is not None else "torch"
     assert resolve_attention_backend("auto", "cuda") == expected
     assert resolve_attention_backend("auto", "cpu") == "torch"

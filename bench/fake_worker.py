@@ -6,7 +6,8 @@ holds token ids instead of keys and values, so any page-accounting mistake by
 the scheduler (a page reused while still referenced, a wrong or missing page id,
 a cached prefix that is not what it claims) changes or breaks the output. With
 `verify` on, every row is also checked against what the slot was fed since its
-admission. Used by the scheduler tests and bench/scheduler_overhead.py.
+admission. Used by the scheduler tests and bench/scheduler_overhead.py, which drive it
+through services/scheduler/pipeline.py's StepPipeline (`launch`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from llmrpc.engine.step import Step
+from llmrpc.engine.step import Step, StepOutput
 
 _MASK = (1 << 64) - 1
 
@@ -64,6 +65,16 @@ def generate_alone(model: HashModel, prompt: Iterable[int], max_tokens: int, eos
             return Generation(out, "length")
 
 
+@dataclass(frozen=True)
+class Executed:
+    """A step the FakeWorker has already run: StepPipeline's pending output, ready at once."""
+
+    output: StepOutput
+
+    def result(self) -> StepOutput:
+        return self.output
+
+
 class FakeWorker:
     def __init__(self, num_pages: int, page_size: int, max_slots: int, model: HashModel,
                  verify: bool = True) -> None:
@@ -75,6 +86,10 @@ class FakeWorker:
         self.last_token = [-1] * max_slots  # the device-side buffer decode rows feed from
         self.fed: list[list[int] | None] = [None] * max_slots  # verify: the slot's tokens since admission
         self.steps = 0
+
+    def launch(self, step: Step) -> Executed:
+        """execute(), in the form StepPipeline launches a step."""
+        return Executed(StepOutput(step.step_id, self.execute(step)))
 
     def execute(self, step: Step) -> np.ndarray:
         ps = self.page_size

@@ -8,8 +8,9 @@
 stack   the scheduler's token-level Generate over gRPC, with `llmrpc worker` and `llmrpc
         scheduler` running as processes (bench/offline.py's Stack), once per value of
         --overlap-depths (the scheduler is restarted against the same worker)
-engine  the same two measurements with the scheduler core and ModelRunner in this process
-        (no gRPC, no processes): what the stack adds is the difference
+engine  the same two measurements with services/llm.py's LLM: the scheduler core and ModelRunner
+        in this process on the stack's step loop (no gRPC, no processes): what the stack adds is
+        the difference
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmrpc.bench.offline import Stack, _engine_config, _row, add_engine_args, run_engine_loop
+from llmrpc.bench.offline import Stack, _row, add_engine_args, engine_llm
 
 DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 128, 512, 2048
 
@@ -75,35 +76,28 @@ async def measure_stack(target: str, repeats: int, tag: str) -> dict:
 
 
 def measure_engine(args: argparse.Namespace) -> dict:
-    """The same requests through the scheduler core and ModelRunner in this process (one step in flight)."""
-    from llmrpc.engine.runner import ModelRunner
-    from llmrpc.services.scheduler.config import SchedulerConfig
-    from llmrpc.services.scheduler.request import Request, Sampling
-    from llmrpc.services.scheduler.scheduler import Scheduler
+    """The same requests through services/llm.py's LLM: the core and ModelRunner in this process (one step
+    in flight), each token timed as the step loop hands it out."""
+    from llmrpc.v1.generation_pb2 import SamplingParams
 
-    runner = ModelRunner(_engine_config(args))
-    info = runner.info
-    core = Scheduler(SchedulerConfig(num_pages=info.num_pages, page_size=info.page_size, max_slots=info.max_slots,
-                                     context_length=info.context_length, eos_token_ids=info.eos_token_ids,
-                                     max_prefill_tokens=args.max_prefill_tokens))
+    llm = engine_llm(args)
 
-    def one(prompt: list[int], max_tokens: int, rid: str) -> list[float]:
+    def one(prompt: list[int], max_tokens: int) -> list[float]:
         arrivals: list[float] = []
-        core.add_request(Request(rid, tuple(prompt), Sampling(temperature=0.0), max_tokens=max_tokens,
-                                 ignore_eos=True))
         t0 = time.perf_counter()
-        run_engine_loop(runner, core, 1, on_event=lambda e: arrivals.extend(
-            [time.perf_counter() - t0] * len(e.token_ids)))
+        for out in llm.stream([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)):
+            now = time.perf_counter() - t0
+            arrivals += [now] * (len(out.outputs[0].token_ids) - len(arrivals))
         return arrivals
 
     warm, decode_prompts, ttft_prompts = _prompts(random.Random(0), args.repeats)
-    for i, p in enumerate(warm):
-        one(p, 64, f"w{i}")
+    for p in warm:
+        one(p, 64)
     decode = []
-    for i, p in enumerate(decode_prompts):
-        times = one(p, DECODE_TOKENS, f"d{i}")
+    for p in decode_prompts:
+        times = one(p, DECODE_TOKENS)
         decode.append((DECODE_TOKENS - 1) / (times[-1] - times[0]))
-    ttft = [one(p, 1, f"t{i}")[0] for i, p in enumerate(ttft_prompts)]
+    ttft = [one(p, 1)[0] for p in ttft_prompts]
     return _summary(decode, ttft)
 
 
@@ -116,12 +110,16 @@ def _rows(args: argparse.Namespace, system: str, m: dict, **extra) -> list[dict]
     return [decode, ttft]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_args(ap)
     ap.add_argument("--systems", default="stack,engine")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     rows: list[dict] = []
     table: list[tuple[str, dict]] = []
 
@@ -133,12 +131,11 @@ def main() -> None:
 
     systems = args.systems.split(",")
     if "stack" in systems:
-        stack = Stack(args, port=50252, overlap_depth=args.overlap_depths[0])
+        stack = Stack(args, overlap_depth=args.overlap_depths[0])
         try:
             for depth in args.overlap_depths:
                 if depth != stack.overlap_depth:
                     stack.restart_scheduler(depth)
-                stack.wait_ready()
                 m = asyncio.run(measure_stack(stack.target, args.repeats, f"o{depth}-"))
                 print(f"stack, overlap depth {depth}: {m['decode_tok_s']:.0f} tok/s, TTFT {m['ttft_ms']:.1f} ms",
                       flush=True)

@@ -1,7 +1,8 @@
 """Offline throughput on the nano-vllm / mini-sglang workload (bench/workload.py): output tokens/s.
 
 Systems, each timed on the same 256 requests (all submitted at once) after a warm-up:
-  engine    the scheduler core + ModelRunner in this process, no gRPC (one step in flight ahead; and none)
+  engine    services/llm.py's LLM: the scheduler core + ModelRunner in this process, no gRPC, driven by
+            the scheduler service's own step loop (one step in flight ahead; and none)
   stack     `llmrpc worker` + `llmrpc scheduler` processes; 256 concurrent Generate calls with tokens
             (once per --overlap-depths value, the scheduler restarted against the same worker)
   hf        transformers continuous batching (generate with paged attention), per-request max_new_tokens
@@ -15,24 +16,21 @@ import asyncio
 import datetime
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from llmrpc.bench.record import hardware
-from llmrpc.bench.workload import TEMPERATURE, Workload, offline_workload
+from llmrpc.bench.workload import TEMPERATURE, Workload, offline_workload, warmup_workload
 from llmrpc.engine.runner import PendingOutput
-
-if TYPE_CHECKING:
-    from llmrpc.services.scheduler.request import TokenEvent
+from llmrpc.engine.step import Step
+from llmrpc.services.llm import LLM
+from llmrpc.v1.generation_pb2 import SamplingParams
 
 
 def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
@@ -49,84 +47,57 @@ def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
 # ---- (b) the engine alone --------------------------------------------------------------
 
 
-def _engine_config(args: argparse.Namespace):
-    from llmrpc.engine.config import EngineConfig
+def engine_llm(args: argparse.Namespace, kind: type[LLM] = LLM, **scheduler_options) -> LLM:
+    """The engine alone: services/llm.py's LLM (or a `kind` of it) on the bench's engine flags, random weights."""
+    from llmrpc.services.cli import engine_options
 
-    return EngineConfig(model_path=args.model, device=args.device, load_format="dummy", max_slots=args.max_running,
-                        attention_backend=args.attention_backend, cuda_graph_max_bs=args.cuda_graph_max_bs,
-                        max_context=args.max_context)
-
-
-def run_engine_loop(runner, core, depth: int, timeline: list | None = None,
-                    on_event: Callable[[TokenEvent], None] | None = None) -> int:
-    """Drives `core` with up to `depth` steps in flight beyond the oldest unread one, until every
-    request finishes; returns the output tokens produced. `on_event` sees each token event as it lands."""
-    in_flight: deque = deque()
-    produced = 0
-    while True:
-        step = core.next_step()
-        if step is None:
-            if not in_flight:
-                return produced
-        elif timeline is None:
-            in_flight.append(runner.launch(step))
-        else:
-            # The same as launch(), with events around the GPU work: prepare is host work the GPU may wait for.
-            batch = runner.prepare(step)
-            if batch is None:
-                in_flight.append(PendingOutput(step.step_id, {}, None))
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            in_flight.append(runner.sample_async(batch, runner.forward(batch)))
-            end.record()
-            timeline.append((step.num_decode == step.num_rows, start, end))
-        while in_flight and (len(in_flight) > depth or step is None):
-            out = in_flight.popleft().result()
-            for event in core.on_step_output(out.step_id, out.tokens):
-                produced += len(event.token_ids)
-                if on_event is not None:
-                    on_event(event)
-            if step is None:
-                break
+    return kind(args.model, **engine_options(args), max_prefill_tokens=args.max_prefill_tokens,
+                disable_radix_cache=args.disable_radix_cache, **scheduler_options)
 
 
-def _requests(workload: Workload, prefix: str):
-    from llmrpc.services.scheduler.request import Request, Sampling
+class TimedLLM(LLM):
+    """An LLM whose steps carry CUDA events around their GPU work: `timeline` gets (pure decode?, start, end)."""
 
-    return [Request(f"{prefix}{i}", tuple(p), Sampling(temperature=TEMPERATURE), max_tokens=m, ignore_eos=True)
-            for i, (p, m) in enumerate(zip(workload.prompts, workload.max_tokens))]
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
+        self.timeline: list[tuple[bool, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def launch(self, step: Step) -> PendingOutput:
+        # runner.launch() in its three phases, the events around the GPU work only: prepare is
+        # host work the GPU may wait for.
+        batch = self.runner.prepare(step)
+        if batch is None:
+            return PendingOutput(step.step_id, {}, None)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pending = self.runner.sample_async(batch, self.runner.forward(batch))
+        end.record()
+        self.timeline.append((step.num_decode == step.num_rows, start, end))
+        return pending
 
 
-def bench_engine(args: argparse.Namespace, workload: Workload) -> dict:
-    from llmrpc.engine.runner import ModelRunner
-    from llmrpc.services.scheduler.config import SchedulerConfig
-    from llmrpc.services.scheduler.scheduler import Scheduler
+def workload_sampling(workload: Workload) -> list[SamplingParams]:
+    """One SamplingParams per request: the workload's temperature and length, EOS ignored."""
+    return [SamplingParams(temperature=TEMPERATURE, max_tokens=m, ignore_eos=True) for m in workload.max_tokens]
 
-    runner = ModelRunner(_engine_config(args))
-    info = runner.info
 
-    def core() -> Scheduler:
-        return Scheduler(SchedulerConfig(num_pages=info.num_pages, page_size=info.page_size, max_slots=info.max_slots,
-                                         context_length=info.context_length, eos_token_ids=info.eos_token_ids,
-                                         max_prefill_tokens=args.max_prefill_tokens, overlap=not args.disable_overlap))
-
-    warm = core()
-    for r in _requests(Workload([p[:200] for p in workload.prompts[:64]], [40] * 64), "warm"):
-        warm.add_request(r)
-    run_engine_loop(runner, warm, 0 if args.disable_overlap else 1)
-    results = {}
+def bench_engine(args: argparse.Namespace, workload: Workload) -> list[dict]:
+    llm = engine_llm(args, overlap_depth=0 if args.disable_overlap else 1)
+    warm = warmup_workload(workload)
+    llm.generate(warm.prompts, workload_sampling(warm))
+    results: dict[bool, dict] = {}
     for overlap in ([False] if args.disable_overlap else [True, False]):
-        c = core()
-        for r in _requests(workload, "r"):
-            c.add_request(r)
-        timeline: list = []
+        # A fresh core on the same runner: an empty prefix cache, so the warm-up's prompts are no hit.
+        timed = TimedLLM(llm.runner, overlap_depth=int(overlap), max_prefill_tokens=args.max_prefill_tokens,
+                         disable_radix_cache=args.disable_radix_cache)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        produced = run_engine_loop(runner, c, int(overlap), timeline)
+        outputs = timed.generate(workload.prompts, workload_sampling(workload))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+        produced = sum(len(c.token_ids) for out in outputs for c in out.outputs)
         assert produced == workload.output_tokens, (produced, workload.output_tokens)
+        timeline = timed.timeline
         # GPU idle between consecutive decode steps: end of one step's work to the start of the next.
         gaps, busy = [], 0.0
         for (dec_a, _, end_a), (dec_b, start_b, end_b) in zip(timeline, timeline[1:]):
@@ -140,7 +111,7 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> dict:
                                 gpu_idle_fraction=round(1 - busy / 1e3 / wall, 4),
                                 tok_s=workload.output_tokens / wall)
         print(f"engine overlap={overlap}: {results[overlap]}", flush=True)
-    del runner
+    del llm, timed
     torch.cuda.empty_cache()
     main = results[not args.disable_overlap]
     rows = [_row(args, "llmrpc-engine", main.pop("tok_s"), overlap=not args.disable_overlap, **main)]
@@ -153,9 +124,6 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> dict:
 # ---- (a) the full stack -----------------------------------------------------------------
 
 
-_CLI = [sys.executable, "-m", "llmrpc.services.cli"]
-
-
 def overlap_depths(text: str) -> list[int]:
     """`--overlap-depths 1,2,3`: the scheduler is restarted with each, against the same worker."""
     depths = [int(d) for d in text.split(",")]
@@ -165,14 +133,14 @@ def overlap_depths(text: str) -> list[int]:
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
-    """The flags offline.py and latency.py share: the model, the engine and stack settings, where rows go."""
+    """The flags the benches share: the model, `llmrpc`'s own engine and scheduler flags (services/cli.py's
+    groups, here on a GPU with random weights), the stack's overlap depths, where rows go."""
+    from llmrpc.services.cli import add_engine_flags, add_scheduler_flags
+
     ap.add_argument("--model", required=True, help="directory with config.json (weights are random: dummy)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
-    ap.add_argument("--max-running", type=int, default=256)
-    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
-    ap.add_argument("--max-context", type=int, default=4096, help="the workloads need at most 2048")
+    add_engine_flags(ap)
+    add_scheduler_flags(ap)
+    ap.set_defaults(device="cuda", load_format="dummy", max_context=4096)  # the workloads need at most 2048
     ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
                     help="the stack's scheduler --overlap-depth values to time, e.g. 1,2,3")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
@@ -181,63 +149,42 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
 
 
 class Stack:
-    """`llmrpc worker` and `llmrpc scheduler` as child processes, the worker on a unix socket.
+    """`llmrpc worker` and `llmrpc scheduler` on this run's engine and scheduler flags, started by the
+    launcher (services/launcher.py) on free ports, the worker on a unix socket; `target` takes tokens.
 
     `restart_scheduler` swaps in a scheduler with another overlap depth; the worker (its
     weights and CUDA graphs) stays, and takes the new scheduler's step stream.
     """
 
-    def __init__(self, args: argparse.Namespace, port: int = 50152, overlap_depth: int = 2) -> None:
-        self.args = args
-        self.port = port
-        self.dir = tempfile.mkdtemp(prefix="llmrpc-bench-")
-        self._sock = f"{self.dir}/worker0.sock"
-        log = open(f"{args.log_dir}/worker.log", "w")
-        self.worker = subprocess.Popen(
-            [*_CLI, "worker", "--model", args.model, "--load-format", "dummy", "--device", args.device,
-             "--port", str(port + 8), "--unix-socket", self._sock, "--max-running-requests", str(args.max_running),
-             "--attention-backend", args.attention_backend, "--cuda-graph-max-bs", str(args.cuda_graph_max_bs),
-             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.scheduler: subprocess.Popen | None = None
-        self.restart_scheduler(overlap_depth)
-        self.target = f"127.0.0.1:{port}"
+    def __init__(self, args: argparse.Namespace, overlap_depth: int = 2) -> None:
+        from llmrpc.services.cli import stack_config
+        from llmrpc.services.launcher import Launcher, start_on_fresh_ports
+        from llmrpc.services.rpc import free_port
+
+        self._sockets = tempfile.TemporaryDirectory(prefix="llmrpc-bench-")
+
+        def start() -> Launcher:
+            config = stack_config(args, args.model, self._sockets.name, scheduler_port=free_port(),
+                                  worker_port=free_port(), log_level="warning")
+            config = config.with_scheduler(replace(config.scheduler, overlap_depth=overlap_depth))
+            return Launcher(config, log_dir=Path(args.log_dir)).start()
+
+        self.launcher = start_on_fresh_ports(start)
+
+    @property
+    def overlap_depth(self) -> int:
+        return self.launcher.config.scheduler.overlap_depth
+
+    @property
+    def target(self) -> str:
+        return self.launcher.child("scheduler").target
 
     def restart_scheduler(self, overlap_depth: int) -> None:
-        if self.scheduler is not None:
-            _stop(self.scheduler)
-        self.overlap_depth = overlap_depth
-        log = open(f"{self.args.log_dir}/scheduler-depth{overlap_depth}.log", "w")
-        self.scheduler = subprocess.Popen(
-            [*_CLI, "scheduler", "--workers", f"unix:{self._sock}", "--port", str(self.port),
-             "--max-prefill-tokens", str(self.args.max_prefill_tokens), "--overlap-depth", str(overlap_depth),
-             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        from llmrpc.services.client import check_health
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for p in (self.worker, self.scheduler):
-                if p.poll() is not None:
-                    raise RuntimeError(f"a service exited with {p.returncode}; see {self.args.log_dir}")
-            if check_health(self.target, timeout=1.0):
-                return
-            time.sleep(0.5)
-        raise TimeoutError("the stack did not become ready")
+        self.launcher.replace_scheduler(replace(self.launcher.config.scheduler, overlap_depth=overlap_depth))
 
     def close(self) -> None:
-        for p in (self.scheduler, self.worker):
-            _stop(p)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        self.launcher.stop()
+        self._sockets.cleanup()
 
 
 async def generate_all(target: str, workload: Workload, prefix: str) -> tuple[int, float]:
@@ -267,16 +214,16 @@ async def generate_all(target: str, workload: Workload, prefix: str) -> tuple[in
 
 def bench_stack(args: argparse.Namespace, workload: Workload) -> list[dict]:
     depths = [0] if args.disable_overlap else args.overlap_depths
+    t = time.time()
     stack = Stack(args, overlap_depth=depths[0])
     rows = []
     try:
         for depth in depths:
             if depth != stack.overlap_depth:
+                t = time.time()
                 stack.restart_scheduler(depth)
-            t = time.time()
-            stack.wait_ready()
             print(f"stack (overlap depth {depth}) ready in {time.time() - t:.0f}s", flush=True)
-            warm = Workload([p[:200] for p in workload.prompts[:64]], [40] * 64)
+            warm = warmup_workload(workload)
             asyncio.run(generate_all(stack.target, warm, f"warm{depth}-"))
             produced, wall = asyncio.run(generate_all(stack.target, workload, f"r{depth}-"))
             assert produced == workload.output_tokens, (produced, workload.output_tokens)
@@ -317,7 +264,7 @@ def bench_hf(args: argparse.Namespace, workload: Workload) -> list[dict]:
                     produced += len(out.generated_tokens)
             return produced, time.perf_counter() - t0, done
 
-        run(Workload([p[:200] for p in workload.prompts[:16]], [20] * 16), "warm", 120)
+        run(warmup_workload(workload, 16, max_tokens=20), "warm", 120)
         produced, wall, done = run(workload, "r", args.hf_deadline_s)
     finally:
         manager.stop(block=False)
@@ -345,9 +292,8 @@ def bench_roofline(args: argparse.Namespace, workload: Workload) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_engine_args(ap)
+    add_engine_args(ap)  # --disable-overlap among them: the engine and the stack one step at a time
     ap.add_argument("--systems", default="roofline,engine,stack,hf")
-    ap.add_argument("--disable-overlap", action="store_true")
     ap.add_argument("--hf-attn", default="paged|sdpa")
     ap.add_argument("--hf-deadline-s", type=float, default=150.0)
     args = ap.parse_args()

@@ -1,10 +1,10 @@
 """Scheduler CPU time per decode step, without a worker: the core driven against the FakeWorker.
 
 For each batch size B it admits B requests (128-token prompts, ignore_eos), runs
-their prefill, then times the decode steps the servicer would drive with one step
-in flight: `next_step` (build step N+1), `encode_step` (pack it for the wire) and
-`on_step_output` (map step N's tokens to requests). The FakeWorker's own time is
-not counted. Target: next_step + on_step_output under 1 ms at B = 256.
+their prefill, then times the decode steps of the servicer's own loop (StepPipeline,
+one step in flight): `next_step` (build step N+1), `encode_step` (pack it for the
+wire) and `on_step_output` (map step N's tokens to requests). The FakeWorker's own
+time is not counted. Target: next_step + on_step_output under 1 ms at B = 256.
 
 cache "full": the prefix cache first fills the whole pool with other prompts, so
 every page the batch takes (prompts, then a new page per request every 16 decode
@@ -17,15 +17,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from llmrpc.bench.record import provenance, write_json
-from llmrpc.bench.fake_worker import FakeWorker, HashModel
+from llmrpc.bench.fake_worker import Executed, FakeWorker, HashModel
+from llmrpc.engine.step import Step
 from llmrpc.services.protocol import encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
+from llmrpc.services.scheduler.pipeline import StepPipeline
+from llmrpc.services.scheduler.request import TokenEvent
 from llmrpc.services.scheduler.request import Request
 from llmrpc.services.scheduler.scheduler import Scheduler
 
@@ -38,11 +40,50 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scheduler_overhead.
 def _fill_cache(sched: Scheduler, worker: FakeWorker, rng: np.random.Generator) -> None:
     """Runs one-token requests with distinct prompts until the prefix cache starts evicting."""
     i = 0
+    pipeline = StepPipeline(sched, worker.launch, depth=0)
     while sched.metrics.evicted_pages == 0:
         sched.add_request(Request(f"fill{i}", rng.integers(0, VOCAB, PROMPT_LEN + 1).tolist(), max_tokens=1))
         i += 1
-        while (step := sched.next_step()) is not None:
-            sched.on_step_output(step.step_id, worker.execute(step))
+        for _ in pipeline.run():
+            pass
+
+
+class _Timed:
+    """The core and the worker as the pipeline sees them, with the CPU time of each part of a
+    full decode step recorded (the FakeWorker's own time left out)."""
+
+    def __init__(self, sched: Scheduler, worker: FakeWorker, batch: int) -> None:
+        self.sched, self.worker, self.batch = sched, worker, batch
+        self.build: list[int] = []
+        self.encode: list[int] = []
+        self.output: list[int] = []
+        self._decoding: set[int] = set()  # ids of the timed steps
+
+    def next_step(self) -> Step | None:
+        t0 = _clock()
+        step = self.sched.next_step()
+        t1 = _clock()
+        if step is not None and step.num_decode == self.batch:
+            self._decoding.add(step.step_id)
+            self.build.append(t1 - t0)
+        return step
+
+    def launch(self, step: Step) -> Executed:
+        t0 = _clock()
+        encode_step(step)  # timed: the servicer packs every step for the wire
+        if step.step_id in self._decoding:
+            self.encode.append(_clock() - t0)
+        return self.worker.launch(step)
+
+    def on_step_output(self, step_id: int, *arrays) -> list[TokenEvent]:
+        t0 = _clock()
+        events = self.sched.on_step_output(step_id, *arrays)
+        if step_id in self._decoding:
+            self.output.append(_clock() - t0)
+        return events
+
+
+_clock = time.thread_time_ns  # CPU time of this thread: others' load on the machine does not count
 
 
 def measure(batch: int, steps: int, full_cache: bool = False, seed: int = 0) -> dict:
@@ -59,28 +100,12 @@ def measure(batch: int, steps: int, full_cache: bool = False, seed: int = 0) -> 
     for i in range(batch):
         sched.add_request(Request(f"r{i}", rng.integers(0, VOCAB, PROMPT_LEN).tolist(),
                                   max_tokens=max_tokens, ignore_eos=True))
-    in_flight: deque = deque()
-    build, encode, output = [], [], []
-    clock = time.thread_time_ns  # CPU time of this thread: others' load on the machine does not count
-    while len(build) < steps:
-        t0 = clock()
-        step = sched.next_step()
-        t1 = clock()
-        assert step is not None
-        encode_step(step)  # timed: the servicer packs every step for the wire
-        t2 = clock()
-        decoding = step.num_decode == batch
-        if decoding:
-            build.append(t1 - t0)
-            encode.append(t2 - t1)
-        in_flight.append((step.step_id, worker.execute(step), decoding))
-        if len(in_flight) > 1:  # overlap: step N's output is read after step N+1 is built
-            step_id, tokens, timed = in_flight.popleft()
-            t3 = clock()
-            sched.on_step_output(step_id, tokens)
-            t4 = clock()
-            if timed:
-                output.append(t4 - t3)
+    timed = _Timed(sched, worker, batch)
+    # Overlap: step N's output is read after step N+1 is built, as in the servicer.
+    for _ in StepPipeline(timed, timed.launch, depth=1).run():
+        if len(timed.build) >= steps:
+            break
+    build, encode, output = timed.build, timed.encode, timed.output
     us = lambda xs: statistics.median(xs) / 1e3  # noqa: E731
     return {
         "batch": batch,

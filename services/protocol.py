@@ -1,13 +1,16 @@
 """Packs Steps into StepCommands and back: the scheduler ⇄ worker wire format.
 
 Arrays travel as little-endian bytes (numpy frombuffer on the other side), so a
-decode step over B rows costs O(B) bytes and microseconds to encode.
+decode step over B rows costs O(B) bytes and microseconds to encode. An Admission
+is a SlotParams field for field (services/messages.py), so a new sampling fact
+needs a proto field of the same name and no code here.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from llmrpc.engine.step import SlotParams, Step, StepOutput
+from llmrpc.services.messages import from_message, to_message
 from llmrpc.v1 import worker_pb2
 
 _I32 = np.dtype("<i4")
@@ -23,37 +26,12 @@ def _unpack(data: bytes, dtype: np.dtype = _I32) -> np.ndarray:
 
 
 def encode_admission(p: SlotParams) -> worker_pb2.Admission:
-    msg = worker_pb2.Admission(
-        slot=p.slot,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        logprobs=p.logprobs,
-        prompt_tokens=_pack(np.asarray(p.prompt_tokens, dtype=np.int32)),
-    )
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
+    # Every Admission field but the packed prompt is a SlotParams field of the same name.
+    return to_message(p, worker_pb2.Admission, prompt_tokens=_pack(np.asarray(p.prompt_tokens, dtype=_I32)))
 
 
 def decode_admission(msg: worker_pb2.Admission) -> SlotParams:
-    return SlotParams(
-        slot=msg.slot,
-        temperature=msg.temperature,
-        top_p=msg.top_p,
-        top_k=msg.top_k,
-        min_p=msg.min_p,
-        repetition_penalty=msg.repetition_penalty,
-        presence_penalty=msg.presence_penalty,
-        frequency_penalty=msg.frequency_penalty,
-        seed=msg.seed if msg.HasField("seed") else None,
-        logprobs=msg.logprobs,
-        prompt_tokens=tuple(_unpack(msg.prompt_tokens).tolist()),
-    )
+    return from_message(SlotParams, msg, prompt_tokens=tuple(_unpack(msg.prompt_tokens).tolist()))
 
 
 def encode_step(step: Step) -> worker_pb2.StepCommand:

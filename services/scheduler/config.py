@@ -21,6 +21,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"  # fcfs | lpm (longest prefix match first)
     check_invariants: bool = False  # verify the page accounting after every step (tests, debugging)
     overlap: bool = True  # the servicer may ask for step N+1 before step N's output is known
+    prefix_cache: bool = True  # False: no radix prefix sharing (--disable-radix-cache)
 
     def __post_init__(self) -> None:
         for name in ("num_pages", "page_size", "max_slots", "context_length", "max_prefill_tokens"):

@@ -10,20 +10,20 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from llmrpc.services.scheduler.pages import PagePool
-from llmrpc.services.scheduler.radix import RadixIndex, RadixNode
+from llmrpc.services.scheduler.kv_pages import KVPages
+from llmrpc.services.scheduler.radix import RadixNode
 from llmrpc.services.scheduler.request import Request, RequestState
 
 
 def check_kv_invariants(
-    pool: PagePool,
-    radix: RadixIndex,
+    kv: KVPages,
     running: Iterable[Request],
     free_slots: Iterable[int],
     max_slots: int,
 ) -> None:
     """Raises AssertionError naming the first broken rule."""
     running = list(running)
+    pool, radix = kv.pool, kv.radix
     ps = radix.page_size
     radix.check()
     free = pool.free_pages()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from llmrpc.engine.step import Sampling, SlotParams
 
 if TYPE_CHECKING:
+    from llmrpc.services.contract import Limits
     from llmrpc.services.scheduler.radix import RadixNode
 
 
@@ -76,13 +77,18 @@ class Request:
     num_scheduled: int = field(default=0, init=False)  # outputs produced or scheduled to be produced
     num_pending: int = field(default=0, init=False)  # outputs scheduled in steps whose result is not back
     cached_prompt_tokens: int = field(default=-1, init=False)  # prefix-cache hit at the first admission
-    admitted_seq: int = field(default=-1, init=False)  # admission order: retraction takes the newest
     finish_reason: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.prompt = tuple(self.prompt)
         self.stop_token_ids = frozenset(self.stop_token_ids)
         self.tokens = list(self.prompt)
+
+    @classmethod
+    def of(cls, request_id: str, prompt: tuple[int, ...], sampling: Sampling, limits: Limits) -> Request:
+        """One completion of a checked request (services/scheduler/validation.py makes `limits.n` of them)."""
+        return cls(request_id, prompt, sampling, max_tokens=limits.max_tokens, min_tokens=limits.min_tokens,
+                   ignore_eos=limits.ignore_eos, stop_token_ids=frozenset(limits.stop_token_ids))
 
     @property
     def num_prompt(self) -> int:

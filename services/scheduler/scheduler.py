@@ -28,21 +28,24 @@ are counted), a request's finish is seen as many steps late as were in flight an
 the tokens sampled after it are dropped, and a retracted
 request is re-admitted only once its in-flight outputs are back. Pages and slots
 freed now may be reused by the very next step: the worker runs steps in order.
+(services/scheduler/pipeline.py holds the rules of that loop.)
+
+Which page belongs to whom (free, the radix index, a running request) is KVPages'
+bookkeeping (kv_pages.py); this class decides who gets pages and when.
 """
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from llmrpc.engine.step import SlotParams, Step
 from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.invariants import check_kv_invariants
+from llmrpc.services.scheduler.kv_pages import KVPages
 from llmrpc.services.scheduler.metrics import SchedulerMetrics
-from llmrpc.services.scheduler.pages import PagePool
-from llmrpc.services.scheduler.radix import RadixIndex
 from llmrpc.services.scheduler.request import AdmissionError, Request, RequestState, TokenEvent, TokenLogprobs
 
 # Longest-prefix-match needs one radix lookup per waiting request per step; past
@@ -118,14 +121,11 @@ class Scheduler:
         self.metrics = SchedulerMetrics()
         self._eos = frozenset(config.eos_token_ids)
         self._next_step_id = 0
-        self._next_seq = 0
-        self.last_failure: str | None = None
         self._reset()
 
     def _reset(self) -> None:
         c = self.config
-        self.pool = PagePool(c.num_pages)
-        self.radix = RadixIndex(c.page_size)
+        self.kv = KVPages(c.num_pages, c.page_size, self.metrics, c.prefix_cache)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}  # every request not yet finished
@@ -157,6 +157,19 @@ class Scheduler:
         self.waiting.append(req)
         self.metrics.requests_added += 1
 
+    def add_requests(self, reqs: Sequence[Request]) -> None:
+        """Adds requests that stand or fall together (a request's n completions): when one is
+        refused, the ones added before it are taken out again and the AdmissionError raised."""
+        added: list[Request] = []
+        try:
+            for req in reqs:
+                self.add_request(req)
+                added.append(req)
+        except AdmissionError:
+            for req in added:
+                self.abort(req.request_id)
+            raise
+
     def abort(self, request_id: str) -> None:
         """Ends the request now and frees its pages; tokens still in flight for it are dropped."""
         req = self.requests.get(request_id)
@@ -176,7 +189,8 @@ class Scheduler:
         step = None
         if not b.empty:
             for req in b.chunked:
-                self._cache_prompt_pages(req)
+                if req.state is RequestState.RUNNING:
+                    self.kv.share_prompt_pages(req)
             step_id = self._next_step_id
             self._next_step_id += 1
             self._in_flight[step_id] = b.sampled
@@ -230,18 +244,21 @@ class Scheduler:
             token_logprobs = None
             top_n = req.sampling.logprobs
             if top_n >= 0:
-                if lps is None or (top_n > 0 and (tops is None or len(tops[row]) < top_n)):
+                top_ids_row: list[int] = []
+                top_lps_row: list[float] = []
+                if top_n > 0 and tops is not None and top_lps is not None and len(tops[row]) >= top_n:
+                    top_ids_row, top_lps_row = tops[row][:top_n], top_lps[row][:top_n]
+                if lps is None or len(top_ids_row) < top_n:
                     raise ValueError(f"step {step_id}: {req.request_id} asked for logprobs={top_n}, "
                                      "the worker returned fewer")
-                token_logprobs = [TokenLogprobs(lps[row], tops[row][:top_n] if top_n else [],
-                                                top_lps[row][:top_n] if top_n else [])]
+                token_logprobs = [TokenLogprobs(lps[row], top_ids_row, top_lps_row)]
             events.append(TokenEvent(req.request_id, [token], reason,
                                      (num_prompt, num_outputs, req.cached_prompt_tokens), token_logprobs))
         if self.config.check_invariants:
             self.check_invariants()
         return events
 
-    def fail_all(self, reason: str) -> list[TokenEvent]:
+    def fail_all(self) -> list[TokenEvent]:
         """The worker is lost: every request ends with "error" and all state (KV included) starts empty."""
         events = []
         for req in self.requests.values():
@@ -250,7 +267,6 @@ class Scheduler:
             events.append(TokenEvent(req.request_id, [], "error", req.usage))
         finished = self.metrics.requests_finished
         finished["error"] = finished.get("error", 0) + len(events)
-        self.last_failure = reason
         self._reset()
         return events
 
@@ -258,7 +274,7 @@ class Scheduler:
         """Evicts every cached page; only when nothing runs or is in flight (returns whether it did)."""
         if self.running or self._in_flight:
             return False
-        self.pool.free(self.radix.evict(self.radix.num_pages))
+        self.kv.evict_all()
         return True
 
     # ---- gauges and counters ---------------------------------------------------
@@ -277,31 +293,30 @@ class Scheduler:
 
     @property
     def num_free_pages(self) -> int:
-        return self.pool.num_free
+        return self.kv.pool.num_free
 
     @property
     def num_cached_pages(self) -> int:
-        return self.radix.num_pages
+        return self.kv.radix.num_pages
 
     @property
     def kv_usage(self) -> float:
         """Fraction of KV pages not free (running requests plus the prefix cache)."""
-        return 1.0 - self.pool.num_free / self.config.num_pages
+        return 1.0 - self.num_free_pages / self.config.num_pages
 
     @property
-    def cache_hit_tokens(self) -> int:
-        return self.metrics.cached_prompt_tokens
+    def num_used_pages(self) -> int:
+        """Pages no allocation can take now: held by requests, or cached under a request's lock."""
+        return self.config.num_pages - self.kv.available
 
     @property
-    def num_retractions(self) -> int:
-        return self.metrics.retractions
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self.metrics.tokens_per_step
+    def kv_cache_usage(self) -> float:
+        """KV usage as vLLM and SGLang count it: cached pages no request holds are free to take,
+        so a warm prefix cache does not look like a full pool to a router's KV scorer."""
+        return self.num_used_pages / self.config.num_pages
 
     def check_invariants(self) -> None:
-        check_kv_invariants(self.pool, self.radix, self.running, self._free_slots, self.config.max_slots)
+        check_kv_invariants(self.kv, self.running, self._free_slots, self.config.max_slots)
         for req in self.waiting:
             assert req.state is RequestState.WAITING and req.slot == -1 and not req.pages, (
                 f"waiting request {req.request_id} still holds a slot or pages")
@@ -323,8 +338,7 @@ class Scheduler:
             if req.num_fed % ps == 0:  # the token goes to a new page
                 if not self._make_room(1, req, prefill_phase=False):
                     continue  # req itself was retracted
-                new_page = self._alloc(1)[0]
-                req.pages.append(new_page)
+                new_page = self.kv.grow(req, req.num_fed + 1)[0]
             b.add_decode(req, new_page)
             req.num_fed += 1
             req.num_scheduled += 1
@@ -340,15 +354,12 @@ class Scheduler:
             if req.num_fed >= req.fill_len:
                 i += 1
                 continue
-            room = (len(req.pages) + self.pool.num_free + self.radix.evictable_pages) * ps - req.num_fed
+            room = (len(req.pages) + self.kv.available) * ps - req.num_fed
             chunk = min(req.fill_len - req.num_fed, budget, room)
             if chunk <= 0:
                 self._make_room(1, req, prefill_phase=True)
                 continue  # retry with the room made, or move past req if it was retracted
-            start = req.num_fed
-            new_pages = self._alloc(-(-(start + chunk) // ps) - len(req.pages))
-            req.pages.extend(new_pages)
-            self._add_chunk(b, req, chunk, new_pages)
+            self._add_chunk(b, req, chunk, self.kv.grow(req, req.num_fed + chunk))
             budget -= chunk
             i += 1
         return budget
@@ -356,7 +367,7 @@ class Scheduler:
     def _admit(self, b: _StepBuilder, budget: int) -> int:
         if budget <= 0 or not self.waiting or not self._free_slots:
             return budget
-        ps = self.config.page_size
+        kv = self.kv
         fcfs = self.config.schedule_policy == "fcfs" or len(self.waiting) > LPM_MAX_QUEUE
         reserved = self._reserved_pages()
         for req in self._admission_order(fcfs):
@@ -367,22 +378,19 @@ class Scheduler:
                     break
                 continue
             # Keep at least one token to compute: the last position must be run to sample from.
-            prefix_pages, node = self.radix.match(req.tokens[:-1])
+            prefix_pages, node = kv.match(req.tokens[:-1])
             if self._prefix_coming(req, len(prefix_pages), b):
                 if fcfs:
                     break
                 continue
-            self.radix.lock(node)
-            need = -(-len(req.tokens) // ps) - len(prefix_pages)
-            if need > self.pool.num_free + self.radix.evictable_pages - reserved:
-                self.radix.unlock(node)
+            need = kv.pages_for(len(req.tokens)) - len(prefix_pages)
+            if not kv.claim_prefix(req, prefix_pages, node, need + reserved):
                 break
             self.waiting.remove(req)
-            self._start(req, prefix_pages, node)
+            self._start(req)
             b.admissions.append(req.slot_params(req.slot))
             chunk = min(req.fill_len - req.num_fed, budget)
-            new_pages = self._alloc(-(-(req.num_fed + chunk) // ps) - len(req.pages))
-            req.pages.extend(new_pages)
+            new_pages = kv.grow(req, req.num_fed + chunk)
             # The worker's page table for the slot starts empty: send the cached prefix too.
             self._add_chunk(b, req, chunk, req.pages)
             reserved += need - len(new_pages)
@@ -398,6 +406,8 @@ class Scheduler:
         see only KV written by earlier steps), hence the wait. The prefilling request always
         progresses, so the wait ends.
         """
+        if not self.kv.prefix_cache:  # nothing will be shared: waiting would gain nothing
+            return False
         ps = self.config.page_size
         lo, hi = cached_pages * ps, (cached_pages + 1) * ps
         if hi > len(req.tokens) - 1:  # the last token is always computed: no full page left to share
@@ -413,14 +423,14 @@ class Scheduler:
         """Pages the running requests will soon take: the rest of each prompt being prefilled,
         and what each decoding request needs for its next page_size tokens (capped by
         max_tokens), so an admission does not force a retraction a few steps later."""
-        ps = self.config.page_size
+        ps, pages_for = self.config.page_size, self.kv.pages_for
         reserved = 0
         for r in self.running:
             if r.num_fed < r.fill_len:
-                reserved += -(-r.fill_len // ps) - len(r.pages)
+                reserved += pages_for(r.fill_len) - len(r.pages)
             else:
                 upcoming = min(ps, r.max_tokens - r.num_scheduled)
-                reserved += max(0, -(-(r.num_fed + upcoming) // ps) - len(r.pages))
+                reserved += max(0, pages_for(r.num_fed + upcoming) - len(r.pages))
         return reserved
 
     def _admission_order(self, fcfs: bool) -> Iterator[Request]:
@@ -428,21 +438,16 @@ class Scheduler:
             while self.waiting:  # the loop either admits the head or stops
                 yield self.waiting[0]
         else:
-            match_len = self.radix.match_len
+            match_len = self.kv.match_len
             yield from sorted(self.waiting, key=lambda r: -match_len(r.tokens))
 
-    def _start(self, req: Request, prefix_pages: list[int], node: object) -> None:
-        ps = self.config.page_size
+    def _start(self, req: Request) -> None:
+        """req, its page table started on the cached prefix (KVPages.claim_prefix), takes a slot."""
         req.state = RequestState.RUNNING
         req.slot = self._free_slots.pop()
-        req.pages = list(prefix_pages)
-        req.num_cached_pages = len(prefix_pages)
-        req.radix_node = node  # type: ignore[assignment]
         req.fill_len = len(req.tokens)
-        req.num_fed = len(prefix_pages) * ps
+        req.num_fed = len(req.pages) * self.config.page_size
         req.num_scheduled = req.num_outputs
-        req.admitted_seq = self._next_seq
-        self._next_seq += 1
         if req.cached_prompt_tokens < 0:  # first admission: the hit the client is told about
             req.cached_prompt_tokens = req.num_fed
             self.metrics.prompt_tokens += req.num_prompt
@@ -458,44 +463,14 @@ class Scheduler:
             req.num_scheduled += 1
             req.num_pending += 1
 
-    def _cache_prompt_pages(self, req: Request) -> None:
-        """Shares the full prompt pages prefilled so far through the radix index, while req runs.
-
-        Skipped when another request cached the same content first: the worker's page
-        table cannot be rewritten, so req keeps its own copies until it ends.
-        """
-        if req.state is not RequestState.RUNNING:
-            return
-        full = req.num_fed // self.config.page_size
-        if full <= req.num_cached_pages:
-            return
-        key = req.tokens[: full * self.config.page_size]
-        if self.radix.match_len(key) != req.num_cached_pages:
-            return
-        already, node = self.radix.insert(key, req.pages[:full])
-        assert already == req.num_cached_pages
-        self.radix.lock(node)
-        assert req.radix_node is not None
-        self.radix.unlock(req.radix_node)
-        req.radix_node = node
-        req.num_cached_pages = full
-
-    # ---- pages -----------------------------------------------------------------
-
-    def _alloc(self, n: int) -> list[int]:
-        short = n - self.pool.num_free
-        if short > 0:
-            freed = self.radix.evict(short)
-            self.metrics.evicted_pages += len(freed)
-            self.pool.free(freed)
-        return self.pool.alloc(n)
+    # ---- retraction and finishing -----------------------------------------------
 
     def _make_room(self, n: int, req: Request, prefill_phase: bool) -> bool:
         """Makes n pages allocatable by retracting the newest requests without a row in this step.
 
         Returns False when req itself had to be retracted.
         """
-        while self.pool.num_free + self.radix.evictable_pages < n:
+        while self.kv.available < n:
             if prefill_phase:  # decode rows are built already; only prefills at or after req have none
                 victim = next(r for r in reversed(self.running) if r.num_fed < r.fill_len)
             else:  # rows go oldest first, so everything from req on has none
@@ -513,23 +488,10 @@ class Scheduler:
         self.metrics.retractions += 1
 
     def _release(self, req: Request) -> None:
-        """Gives back req's slot and pages; its computed full pages go into the radix index."""
-        ps = self.config.page_size
-        known = min(req.num_fed, len(req.tokens))  # positions whose KV is written (or in flight) and token known
-        full = known // ps
-        keep = req.num_cached_pages  # radix pages: not ours to free
-        if full > keep:
-            already, _ = self.radix.insert(req.tokens[: full * ps], req.pages[:full])
-            self.pool.free(req.pages[keep:already])  # our copies of pages the index already had
-            keep = full
-        self.pool.free(req.pages[keep:])
-        if req.radix_node is not None:
-            self.radix.unlock(req.radix_node)
+        """Gives back req's pages (its computed full pages go into the radix index) and its slot."""
+        self.kv.release(req)
         self._free_slots.append(req.slot)
         req.slot = -1
-        req.pages = []
-        req.num_cached_pages = 0
-        req.radix_node = None
         req.num_fed = 0
         req.fill_len = 0
 

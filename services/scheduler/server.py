@@ -12,31 +12,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
+from llmrpc.engine.step import Step, StepOutput
 from llmrpc.services import rpc
 from llmrpc.services.auth import Security
+from llmrpc.services.contract import FINISH_REASONS
+from llmrpc.services.messages import to_message
 from llmrpc.services.protocol import decode_output, encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.exposition import scrape_handler
-from llmrpc.services.scheduler.request import AdmissionError, TokenEvent
-from llmrpc.services.scheduler.validation import RequestError, build_requests
+from llmrpc.services.scheduler.pipeline import AsyncStepPipeline, StepOrderError
+from llmrpc.services.scheduler.request import AdmissionError, Request, TokenEvent
+from llmrpc.services.scheduler.validation import admission_error, build_requests
 from llmrpc.services.scheduler.scheduler import Scheduler
+from llmrpc.services.scheduler.smg import SERVICE_NAME as SMG_SERVICE, SmgScheduler
+from llmrpc.services.status import StatusError
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmrpc.scheduler")
-
-FINISH_REASONS = {
-    "stop": generation_pb2.FINISH_REASON_STOP,
-    "length": generation_pb2.FINISH_REASON_LENGTH,
-    "abort": generation_pb2.FINISH_REASON_ABORT,
-    "error": generation_pb2.FINISH_REASON_ERROR,
-}
-
 
 @dataclass(frozen=True)
 class SchedulerServiceConfig:
@@ -46,6 +43,7 @@ class SchedulerServiceConfig:
     max_prefill_tokens: int = 8192
     schedule_policy: str = "fcfs"
     check_invariants: bool = False
+    disable_radix_cache: bool = False  # no prefix sharing between requests (mini-sglang's --cache naive)
     overlap_depth: int = 2  # steps sent ahead of the oldest unread result; 0: overlap off
     reconnect_interval_s: float = 0.5
     max_queued_requests: int = 1024  # waiting requests beyond this are refused with RESOURCE_EXHAUSTED
@@ -76,8 +74,8 @@ class WorkerGroup:
         self._targets = targets
         self._channels = [rpc.channel(t, credentials) for t in targets]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
-        self._calls: list = []
-        self._readers: list[asyncio.Task] = []
+        self._calls: list[Any] = []  # grpc.aio stream-stream calls (untyped)
+        self._readers: list[asyncio.Task[None]] = []
         # Rank 0's results in step order, then the WorkerLost that ended the group, if any.
         self._results: asyncio.Queue[worker_pb2.StepResult | WorkerLost] = asyncio.Queue()
         self._on_lost = on_lost
@@ -93,7 +91,7 @@ class WorkerGroup:
         self._calls = [stub.Steps() for stub in self._stubs]
         self._readers = [asyncio.create_task(self._read(rank, call)) for rank, call in enumerate(self._calls)]
 
-    async def _read(self, rank: int, call) -> None:
+    async def _read(self, rank: int, call: Any) -> None:
         """Rank 0's results go to `receive`; the other ranks' only show that they are alive."""
         try:
             while (result := await call.read()) is not grpc.aio.EOF:
@@ -145,55 +143,40 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         self._config = config
         self._core: Scheduler | None = None
         self._info: worker_pb2.WorkerInfo | None = None
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._server: rpc.Server | None = None
 
     # ---- Generation API -------------------------------------------------
 
-    async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        if not self._ready.is_set() or self._core is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected")
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
-        core = self._core
         try:
-            requests = build_requests(request, request_id, self._info, self._config.max_prompt_tokens)
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if any(req.request_id in self._streams for req in requests):
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
-        limit = self._config.max_queued_requests
-        # Requests that free slots will take at the next step are not queued behind anyone.
-        queued = core.num_waiting - max(0, core.config.max_slots - core.num_running)
-        if limit and queued + len(requests) > limit:
-            # Refuse at once: a client can retry elsewhere sooner than it would wait here.
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the waiting queue is full ({max(queued, 0)} of {limit} requests)")
-        added: list[str] = []
-        try:
-            for req in requests:
-                core.add_request(req)
-                added.append(req.request_id)
-        except AdmissionError as exc:
-            for rid in added:
-                core.abort(rid)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        queue: asyncio.Queue = asyncio.Queue()
+            requests = self._admit(request, request_id)
+        except StatusError as exc:
+            await exc.abort(context)
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         index_of = {req.request_id: i for i, req in enumerate(requests)}
         for req in requests:
             self._streams[req.request_id] = queue
         self._wake.set()
         stream = not request.HasField("stream") or request.stream
         open_ids = set(index_of)
+        started: set[int] = set()
         collected: dict[int, generation_pb2.GenerateResponse] = {}
         try:
             while open_ids:
                 event: TokenEvent = await queue.get()
                 index = index_of[event.request_id]
                 if event.finish_reason == "error":
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "worker lost: the request was dropped")
-                response = self._response(request_id, index, event)
+                    await StatusError(grpc.StatusCode.UNAVAILABLE, "worker lost: the request was dropped",
+                                      reason="WORKER_LOST").abort(context)
+                # Usage goes on each index's first message too: a front door that ends the
+                # request early (a stop string) still knows its prompt and cached tokens.
+                response = self._response(request_id, index, event, with_usage=index not in started)
+                started.add(index)
                 if event.finish_reason is not None:
                     open_ids.discard(event.request_id)
                 if stream:
@@ -214,8 +197,31 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                     self._core.abort(rid)  # cancelled or failed: free its KV pages now
             self._wake.set()
 
+    def _admit(self, request: generation_pb2.GenerateRequest, request_id: str) -> list[Request]:
+        """Checks the request and adds its completions to the core; StatusError when it cannot be served."""
+        core = self._core
+        if not self._ready.is_set() or core is None or self._info is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected", reason="NO_WORKER")
+        requests = build_requests(request, request_id, self._info, self._config.max_prompt_tokens)
+        if any(req.request_id in self._streams for req in requests):
+            raise StatusError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use",
+                              reason="REQUEST_ID_IN_USE")
+        limit = self._config.max_queued_requests
+        # Requests that free slots will take at the next step are not queued behind anyone.
+        queued = core.num_waiting - max(0, core.config.max_slots - core.num_running)
+        if limit and queued + len(requests) > limit:
+            # Refuse at once: a client can retry elsewhere sooner than it would wait here.
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the waiting queue is full ({max(queued, 0)} of {limit} requests)", reason="QUEUE_FULL")
+        try:
+            core.add_requests(requests)  # all n completions, or none
+        except AdmissionError as exc:
+            raise admission_error(exc) from None
+        return requests
+
     @staticmethod
-    def _response(request_id: str, index: int, event: TokenEvent) -> generation_pb2.GenerateResponse:
+    def _response(request_id: str, index: int, event: TokenEvent,
+                  with_usage: bool = False) -> generation_pb2.GenerateResponse:
         response = generation_pb2.GenerateResponse(
             request_id=request_id, index=index, token_ids=list(event.token_ids)
         )
@@ -228,35 +234,56 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 for token, row in zip(event.token_ids, event.logprobs))
         if event.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[event.finish_reason]
+        if with_usage or event.finish_reason is not None:
             prompt, completion, cached = event.usage
             response.usage.CopyFrom(
                 generation_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached)
             )
         return response
 
-    async def GetModelInfo(self, request, context) -> generation_pb2.ModelInfo:
-        if self._info is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected")
-        i = self._info
-        return generation_pb2.ModelInfo(
-            model_name=i.model_name,
-            architecture=i.architecture,
-            context_length=i.context_length,
-            vocab_size=i.vocab_size,
-            eos_token_ids=list(i.eos_token_ids),
-            tp_size=i.tp_size,
-            page_size=i.page_size,
-            total_kv_tokens=self._core.config.num_pages * i.page_size if self._core else 0,
-            **self._load(),
-        )
+    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
+        info = self._info
+        if info is None:
+            await StatusError(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected",
+                              reason="NO_WORKER").abort(context)
+        # The model's facts are the worker's fields of the same names; the rest is this process's.
+        total_kv_tokens = self._core.config.num_pages * info.page_size if self._core else 0
+        return to_message(info, generation_pb2.ModelInfo, total_kv_tokens=total_kv_tokens, **self._load())
 
     def _load(self) -> dict[str, int]:
+        """ModelInfo's live-load fields, all 0 while no worker is connected."""
         core = self._core
         if core is None or not self._ready.is_set():
-            return {}
+            return dict.fromkeys(("kv_pages_total", "kv_pages_free", "kv_pages_cached", "requests_running",
+                                  "requests_waiting"), 0)
         return dict(kv_pages_total=core.config.num_pages, kv_pages_free=core.num_free_pages,
                     kv_pages_cached=core.num_cached_pages, requests_running=core.num_running,
                     requests_waiting=core.num_waiting)
+
+    # ---- for the contracts served beside Generation (smg.py) --------------
+
+    @property
+    def core(self) -> Scheduler | None:
+        """The scheduling core while workers are connected, else None."""
+        return self._core if self._ready.is_set() else None
+
+    @property
+    def worker_info(self) -> worker_pb2.WorkerInfo | None:
+        return self._info
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request's completions now, as a cancelled stream would (their streams end with abort)."""
+        core = self.core
+        if core is None:
+            return False
+        ids = [rid for rid in self._streams if rid == request_id or rid.startswith(f"{request_id}#")]
+        live = [core.requests[rid] for rid in ids if rid in core.requests]
+        for req in live:
+            core.abort(req.request_id)
+            self._dispatch([TokenEvent(req.request_id, [], "abort", req.usage)])
+        self._wake.set()
+        return bool(live)
 
     # ---- the step loop ----------------------------------------------------
 
@@ -275,19 +302,19 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 await group.close()
                 await asyncio.sleep(self._config.reconnect_interval_s)
                 continue
-            self._start_core(group.infos)
+            core = self._start_core(group.infos)
             await self._set_serving(True)
             try:
-                await self._drive(group)
-            except WorkerLost as exc:
+                await self._drive(group, core)
+            except (WorkerLost, StepOrderError) as exc:
                 log.error("worker lost: %s; failing %d requests in flight", exc, len(self._streams))
             finally:
                 self._ready.clear()
                 await self._set_serving(False)
-                self._dispatch(self._core.fail_all("worker lost"))
+                self._dispatch(core.fail_all())
                 await group.close()
 
-    def _start_core(self, infos: list[worker_pb2.WorkerInfo]) -> None:
+    def _start_core(self, infos: list[worker_pb2.WorkerInfo]) -> Scheduler:
         first = infos[0]
         self._info = first
         self._core = Scheduler(
@@ -301,39 +328,31 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 schedule_policy=self._config.schedule_policy,
                 check_invariants=self._config.check_invariants,
                 overlap=self._config.overlap_depth > 0,
+                prefix_cache=not self._config.disable_radix_cache,
             )
         )
         self._ready.set()
-        log.info("connected to %d worker rank(s): %s, %d KV pages x %d tokens, %d slots, overlap depth %d",
+        log.info("connected to %d worker rank(s): %s, %d KV pages x %d tokens, %d slots, overlap depth %d%s",
                  len(infos), first.model_name, self._core.config.num_pages, first.page_size,
-                 self._core.config.max_slots, self._config.overlap_depth)
+                 self._core.config.max_slots, self._config.overlap_depth,
+                 ", prefix cache off" if self._config.disable_radix_cache else "")
+        return self._core
 
-    async def _drive(self, group: WorkerGroup) -> None:
-        in_flight: deque = deque()
-        depth = self._config.overlap_depth  # steps left in flight while building the next
-        core = self._core
-        while True:
-            step = core.next_step()
-            if step is None:
-                if in_flight:
-                    await self._collect(group, in_flight)
-                    continue
-                self._wake.clear()
-                await self._wake.wait()  # a new request, or a lost rank (the group's on_lost)
-                group.check()
-                continue
+    async def _drive(self, group: WorkerGroup, core: Scheduler) -> None:
+        async def send(step: Step) -> None:
             await group.send(encode_step(step))
-            in_flight.append(step.step_id)
-            while len(in_flight) > depth:
-                await self._collect(group, in_flight)
 
-    async def _collect(self, group: WorkerGroup, in_flight: deque) -> None:
-        output = decode_output(await group.receive())
-        expected = in_flight.popleft()
-        if output.step_id != expected:
-            raise WorkerLost(f"step results out of order: got {output.step_id}, expected {expected}")
-        self._dispatch(self._core.on_step_output(output.step_id, output.tokens, output.logprobs,
-                                                 output.top_ids, output.top_logprobs))
+        async def receive() -> StepOutput:
+            return decode_output(await group.receive())
+
+        async def idle() -> None:
+            self._wake.clear()
+            await self._wake.wait()  # a new request, or a lost rank (the group's on_lost)
+            group.check()
+
+        pipeline = AsyncStepPipeline(core, send, receive, idle, self._config.overlap_depth)
+        async for events in pipeline.run():
+            self._dispatch(events)
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:
@@ -349,11 +368,12 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
 async def serve(config: SchedulerServiceConfig, ready: asyncio.Event | None = None) -> None:
     """Runs the scheduler service until cancelled."""
     service = SchedulerService(config)
+    smg = SmgScheduler(service, config)  # SMG's engine contract, on the same port
     server = await rpc.start_server(
         f"{config.host}:{config.port}",
-        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(service, s),
+        [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(service, s), smg.add_to,
          lambda s: s.add_generic_rpc_handlers((scrape_handler(lambda: service._core),))],
-        [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name],
+        [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name, SMG_SERVICE],
         security=config.security,
         max_receive_bytes=config.max_receive_bytes,
     )

@@ -4,7 +4,9 @@ For each token-level `GenerateResponse` of one index it detokenizes the new toke
 applies the stop strings (which count only once `min_tokens` tokens exist, as in
 vLLM), and answers the text-level message to forward. When a stop string appears it
 finishes the completion itself with FINISH_REASON_STOP; the servicer then cancels
-the scheduler's call so the KV pages are freed at once.
+the scheduler's call so the KV pages are freed at once. Its usage then counts the
+tokens consumed so far, with the prompt and cached prompt tokens the scheduler
+reported on the index's first message.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ class Completion:
     ) -> None:
         self.request_id = request_id
         self.index = index
-        self._prompt_tokens = prompt_tokens
+        # The scheduler's counts as last reported (its first message of an index carries them).
+        self._usage = generation_pb2.Usage(prompt_tokens=prompt_tokens)
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stop = StopChecker(stop)
         self._min_tokens = min_tokens
@@ -43,6 +46,8 @@ class Completion:
         if self.finished:
             raise RuntimeError(f"completion {self.request_id}/{self.index} already finished")
         self.completion_tokens += len(upstream.token_ids)
+        if upstream.HasField("usage"):
+            self._usage.CopyFrom(upstream.usage)
         out = generation_pb2.GenerateResponse(
             request_id=self.request_id,
             index=self.index,
@@ -60,13 +65,8 @@ class Completion:
         if self._stop.stopped:
             out.text = text
             out.finish_reason = generation_pb2.FINISH_REASON_STOP
-            out.usage.CopyFrom(
-                upstream.usage
-                if upstream.HasField("usage")
-                else generation_pb2.Usage(
-                    prompt_tokens=self._prompt_tokens, completion_tokens=self.completion_tokens
-                )
-            )
+            out.usage.CopyFrom(self._usage)
+            out.usage.completion_tokens = self.completion_tokens
             self.finished = True
             return out
         if ending:

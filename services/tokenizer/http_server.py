@@ -11,7 +11,7 @@ scheduler call, which frees the KV pages at once.
 
 /metrics is the tokenizer's own registry (requests by outcome, TTFT, inter-token
 latency) followed by the scheduler's text exposition, fetched on each scrape
-over the scheduler channel (scheduler/exposition.py): one scrape target for the
+over the scheduler channel (contract.SCRAPE_METHOD): one scrape target for the
 whole stack.
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ import grpc
 from aiohttp import web
 
 from llmrpc.services.auth import Security, bearer_ok
-from llmrpc.services.scheduler.exposition import SCRAPE_METHOD
+from llmrpc.services.contract import SCRAPE_METHOD
+from llmrpc.services.status import StatusError
 from llmrpc.services.tokenizer.openai_api import Answer, ApiError, models_json, parse_body
-from llmrpc.services.tokenizer.server import GenerationError, TokenizerServer
+from llmrpc.services.tokenizer.server import TokenizerServer
 
 log = logging.getLogger("llmrpc.tokenizer.http")
 
@@ -77,8 +78,8 @@ class OpenAIRoutes:
     async def models(self, request: web.Request) -> web.Response:
         try:
             info = await self._servicer.model_info(timeout=10)
-        except GenerationError as exc:
-            return _error(ApiError.from_status(exc.code, exc.message, chat=False))
+        except StatusError as exc:
+            return _error(ApiError.from_error(exc, chat=False))
         self._model_name = info.model_name
         return web.json_response(models_json(info, self._created))
 
@@ -92,8 +93,8 @@ class OpenAIRoutes:
         if self._model_name is None or (asked is not None and asked != self._model_name):
             try:  # fetched once, and again when a client names another model (the worker may have changed)
                 self._model_name = (await self._servicer.model_info(timeout=10)).model_name
-            except GenerationError as exc:
-                raise ApiError.from_status(exc.code, exc.message, chat=False) from None
+            except StatusError as exc:
+                raise ApiError.from_error(exc, chat=False) from None
         if asked is not None and asked != self._model_name:
             raise ApiError(404, f"The model {asked!r} does not exist; this server serves {self._model_name!r}",
                            "model", "model_not_found")
@@ -106,7 +107,7 @@ class OpenAIRoutes:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ApiError(400, "the request body is not valid JSON") from None
             parsed = parse_body(body, chat)
-            model = await self._served_model(body.get("model"))
+            model = await self._served_model(parsed.model)
         except ApiError as exc:
             return _error(exc)
         tokenizer = self._servicer.prompts.tokenizer if self._servicer.prompts else None
@@ -116,8 +117,8 @@ class OpenAIRoutes:
             try:
                 async with contextlib.aclosing(responses):
                     merged = [r async for r in responses]
-            except GenerationError as exc:
-                return _error(ApiError.from_status(exc.code, exc.message, chat))
+            except StatusError as exc:
+                return _error(ApiError.from_error(exc, chat))
             return web.json_response(answer.complete(merged))
         return await self._stream(request, responses, answer)
 
@@ -135,8 +136,8 @@ class OpenAIRoutes:
                     if out is None:  # headers go out with the first chunk, so early errors stay HTTP errors
                         out = await self._open_stream(request)
                     await send(answer.chunk(r))
-            except GenerationError as exc:
-                error = ApiError.from_status(exc.code, exc.message, answer.parsed.chat)
+            except StatusError as exc:
+                error = ApiError.from_error(exc, answer.parsed.chat)
                 if out is None:
                     return _error(error)
                 await send(error.body())  # the status line is gone; OpenAI streams errors as a data event

@@ -1,29 +1,32 @@
 """The OpenAI wire format: JSON request bodies → GenerateRequest, GenerateResponse → JSON answers.
 
-Pure translation, no I/O: http_server.py owns the sockets. Request bodies are
-checked field by field and a bad one raises `ApiError` naming the parameter, which
-becomes OpenAI's error body with HTTP 400. The sampling fields OpenAI lacks are
-accepted under vLLM's names (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids), so clients written for vLLM work unchanged.
+Pure translation, no I/O: http_server.py owns the sockets. A body is parsed by the pydantic
+model of its endpoint (`CompletionBody`, `ChatBody`): JSON types are strict (a string is not a
+number), and a bad field raises `ApiError` whose `param` is the validation error's location,
+which becomes OpenAI's error body with HTTP 400. Value ranges are the scheduler's to check
+(services/scheduler/validation.py): its refusal comes back as a google.rpc.BadRequest whose
+field path `ApiError.from_error` turns into the OpenAI parameter (`sampling.top_p` → `top_p`).
+
+The sampling fields OpenAI lacks are accepted under vLLM's names (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids), so clients written for vLLM work
+unchanged. OpenAI fields that would change the answer and that llmrpc does not implement (tools,
+response_format, logit_bias, ...) are refused by name unless they hold their neutral value;
+informational ones (user, metadata, store, service_tier, ...) and unknown fields are ignored.
 """
 from __future__ import annotations
 
-import math
-import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import grpc
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import ValidationInfo, field_validator
 
+from llmrpc.services.contract import FINISH_REASON_NAMES
+from llmrpc.services.status import StatusError
 from llmrpc.v1 import generation_pb2
 
-FINISH_REASONS = {
-    generation_pb2.FINISH_REASON_STOP: "stop",
-    generation_pb2.FINISH_REASON_LENGTH: "length",
-    generation_pb2.FINISH_REASON_ABORT: "abort",
-    generation_pb2.FINISH_REASON_ERROR: "error",
-}
 # OpenAI's defaults where they differ from ours: a completion is 16 tokens unless asked.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -41,12 +44,8 @@ HTTP_STATUS = {
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error"}
-
-# Our field paths (as the services name them in messages) → the OpenAI parameter.
-_PARAM_OF_FIELD = {"tokens.ids": "prompt", "text": "prompt", "chat.messages": "messages", "chat": "messages",
-                   "input": "prompt", "request_id": "request_id", "prompt": "prompt"}
-_HOP = re.compile(r"^scheduler at \S+: ")
-_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)")
+# The request's input, whatever form it took, is OpenAI's prompt (or messages, for chat).
+_INPUT_FIELDS = frozenset({"input", "text", "tokens", "chat"})
 
 
 @dataclass
@@ -63,124 +62,214 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     @classmethod
-    def from_status(cls, code: grpc.StatusCode, message: str, chat: bool) -> ApiError:
-        """A service's gRPC status as HTTP; the parameter is read from the message's leading field."""
-        status = HTTP_STATUS.get(code, 500)
-        if status < 500:  # which hop refused it is noise to an API client
-            message = _HOP.sub("", message)
-        param = None
-        if status == 400:
-            m = _FIELD.match(message)
-            if m:
-                name = m.group(1)
-                name = name.removeprefix("sampling.")
-                param = _PARAM_OF_FIELD.get(name, name)
-                if param == "prompt" and chat:
-                    param = "messages"
-                if param == "logprobs" and chat:
-                    param = "top_logprobs"
-        return cls(status, message, param)
+    def from_error(cls, error: StatusError, chat: bool) -> ApiError:
+        """A service's status as HTTP; the parameter is the field its BadRequest details name."""
+        return cls(HTTP_STATUS.get(error.code, 500), error.message, _param_of(error.field, chat))
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> ApiError:
+        """The first problem pydantic found, naming the top-level body field it lies in."""
+        first = error.errors(include_url=False)[0]
+        loc = first["loc"]
+        text = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        if not loc:
+            kinds = {"model_type": "the request body must be a JSON object", "json_invalid": "the request body is not valid JSON"}
+            return cls(400, kinds.get(first["type"], text))
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+        # Our validators' texts continue the field's name; pydantic's own are sentences.
+        return cls(400, f"{path} {text}" if first["type"] == "value_error" else f"{path}: {text}", str(loc[0]))
+
+
+def _param_of(field: str | None, chat: bool) -> str | None:
+    """The OpenAI parameter of one of our request field paths (`sampling.stop[1]` → `stop`)."""
+    if field is None:
+        return None
+    head, _, rest = field.partition(".")
+    head = head.split("[", 1)[0]
+    if head in _INPUT_FIELDS:
+        return "messages" if chat else "prompt"
+    if head != "sampling":
+        return head
+    name = rest.split("[", 1)[0]
+    return "top_logprobs" if chat and name == "logprobs" else name
 
 
 # ---- reading a request body -----------------------------------------------------
 
-_MISSING = object()
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # what an int32 / sint32 proto field holds
+_SAMPLING_FIELDS = frozenset(generation_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
-def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a number, got {value!r}", name)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ApiError(400, f"{name} must be in [{lo}, {hi}], got {value}", name)
-    return float(value)
+def _neutral(*values: object) -> AfterValidator:
+    """For a field llmrpc does not implement: only absent, null or one of `values` (which change nothing)."""
+
+    def check(value: object) -> object:
+        if value is not None and value not in values:
+            raise ValueError("is not supported by this server")
+        return value
+
+    return AfterValidator(check)
 
 
-def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer, got {value!r}", name)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ApiError(400, f"{name} must be {bounds}, got {value}", name)
+def _stop_list(value: object) -> object:
+    """OpenAI's stop: one string or a list of them; none may be empty."""
+    stops = [value] if isinstance(value, str) else value
+    if isinstance(stops, list) and any(s == "" for s in stops):
+        raise ValueError("must not hold an empty string")
+    return stops
+
+
+def _one_prompt(value: object) -> object:
+    """OpenAI's prompt as one input: a string or token ids (a batch of one is unwrapped)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one
+    tokens = isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    if not (isinstance(value, str) or tokens):
+        raise ValueError("must be a string or a list of token ids (batches of prompts are not supported)")
     return value
 
 
-def _boolean(body: dict, name: str) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {value!r}", name)
-    return value
-
-
-def _int_list(body: dict, name: str) -> list[int]:
-    value = body.get(name)
+def _text_content(value: object) -> object:
+    """A message's content as one string: null is empty, a list of text parts is joined."""
     if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ApiError(400, f"{name} must be a list of integers", name)
+        return ""
+    if isinstance(value, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            raise ValueError("may only hold text parts")
+        return "".join(p["text"] for p in value)
     return value
 
 
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "stop must be a string or a list of strings", "stop")
-    if any(not s for s in stop):
-        raise ApiError(400, "stop strings must not be empty", "stop")
-    return stop
+class _Strict(BaseModel):
+    # JSON types as sent (no "0.5" for 0.5); fields llmrpc does not know are ignored, as vLLM does.
+    model_config = ConfigDict(strict=True, extra="ignore")
 
 
-def _sampling(body: dict, default_max_tokens: int | None, chat: bool) -> tuple[generation_pb2.SamplingParams, int]:
-    """The SamplingParams of one body, and how many top alternatives a token's logprobs carry."""
-    s = generation_pb2.SamplingParams()
-    max_tokens = _integer(body, "max_completion_tokens", 1) if chat else None
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    if max_tokens is not None:
-        s.max_tokens = max_tokens
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        value = _number(body, name)
-        if value is not None:
-            setattr(s, name, value)
-    for name in ("top_k", "min_tokens", "n"):
-        value = _integer(body, name)
-        if value is not None:
-            setattr(s, name, value)
-    seed = _integer(body, "seed")
-    if seed is not None:
-        s.seed = seed % 2**64  # OpenAI allows negative seeds; the engine's are unsigned
-    if _boolean(body, "ignore_eos"):
-        s.ignore_eos = True
-    s.stop.extend(_stop(body))
-    s.stop_token_ids.extend(_int_list(body, "stop_token_ids"))
-    top_n = -1
-    if chat:
-        top = _integer(body, "top_logprobs", 0, 20)
-        if _boolean(body, "logprobs"):
-            top_n = top or 0
-        elif top is not None:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    else:
-        top = _integer(body, "logprobs", 0, 20)
-        if top is not None:
-            top_n = top
-    if top_n >= 0:
-        s.logprobs = top_n
-    best_of = _integer(body, "best_of")
-    if best_of is not None and best_of != (s.n if s.HasField("n") else 1):
-        raise ApiError(400, "best_of other than n is not supported", "best_of")
-    return s, top_n
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: Annotated[str, BeforeValidator(_text_content)] = ""
+
+
+class _Body(_Strict):
+    """The fields both endpoints take. Names that are SamplingParams fields map onto them as they are."""
+
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: Int32 | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    n: Int32 | None = None
+    seed: int | None = None
+    stop: Annotated[list[str], BeforeValidator(_stop_list)] | None = None
+    # vLLM's sampling extensions
+    top_k: Int32 | None = None
+    min_p: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
+    min_tokens: Int32 | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Int32] | None = None
+    # OpenAI's, not implemented here
+    logit_bias: Annotated[Any, _neutral({})] = None
+
+    @field_validator("seed")
+    @classmethod
+    def _unsigned_seed(cls, seed: int | None) -> int | None:
+        return None if seed is None else seed % 2**64  # OpenAI allows negative seeds; the engine's are unsigned
+
+    def sampling(self) -> generation_pb2.SamplingParams:
+        """The SamplingParams of this body: every field set here, under its name there; unset stays unset."""
+        s = generation_pb2.SamplingParams()
+        for name, value in self._sampling_values().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                getattr(s, name).extend(value)
+            else:
+                setattr(s, name, value)
+        return s
+
+    def _sampling_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in type(self).model_fields if name in _SAMPLING_FIELDS}
+
+    def generate_request(self) -> generation_pb2.GenerateRequest:
+        raise NotImplementedError
+
+
+class CompletionBody(_Body):
+    """POST /v1/completions."""
+
+    prompt: Annotated[str | list[Int32], BeforeValidator(_one_prompt)]
+    logprobs: Int32 | None = None  # top-N alternatives per token, as SamplingParams.logprobs
+    best_of: Int32 | None = None
+    echo: Annotated[Any, _neutral(False)] = None
+    suffix: Annotated[Any, _neutral("")] = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != (info.data.get("n") or 1):
+            raise ValueError("other than n is not supported")
+        return best_of
+
+    def _sampling_values(self) -> dict[str, Any]:
+        values = super()._sampling_values()
+        if self.max_tokens is None:
+            values["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
+        return values
+
+    def generate_request(self) -> generation_pb2.GenerateRequest:
+        request = generation_pb2.GenerateRequest(sampling=self.sampling(), stream=bool(self.stream))
+        if isinstance(self.prompt, str):
+            request.text = self.prompt
+        else:
+            request.tokens.ids.extend(self.prompt)
+        return request
+
+
+class ChatBody(_Body):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int32 | None = None  # OpenAI's newer name for max_tokens; it wins
+    logprobs: bool | None = None
+    top_logprobs: Int32 | None = None
+    response_format: Annotated[Any, _neutral({"type": "text"})] = None
+    tools: Annotated[Any, _neutral([])] = None
+    tool_choice: Annotated[Any, _neutral("none")] = None
+    parallel_tool_calls: Annotated[Any, _neutral()] = None
+    functions: Annotated[Any, _neutral([])] = None
+    function_call: Annotated[Any, _neutral("none")] = None
+    audio: Annotated[Any, _neutral()] = None
+    modalities: Annotated[Any, _neutral(["text"])] = None
+    web_search_options: Annotated[Any, _neutral()] = None
+    reasoning_effort: Annotated[Any, _neutral()] = None
+    verbosity: Annotated[Any, _neutral()] = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top
+
+    def _sampling_values(self) -> dict[str, Any]:
+        values = super()._sampling_values()
+        if self.max_completion_tokens is not None:
+            values["max_tokens"] = self.max_completion_tokens
+        values["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        return values
+
+    def generate_request(self) -> generation_pb2.GenerateRequest:
+        chat = generation_pb2.Chat(messages=[generation_pb2.ChatMessage(role=m.role, content=m.content)
+                                             for m in self.messages])
+        return generation_pb2.GenerateRequest(chat=chat, sampling=self.sampling(), stream=bool(self.stream))
 
 
 @dataclass(frozen=True)
@@ -193,71 +282,20 @@ class ParsedRequest:
     include_usage: bool
     top_n: int  # -1: no logprobs
     n: int
+    model: str | None = None  # the model the client named, if it named one
 
 
 def parse_body(body: Any, chat: bool) -> ParsedRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model", _MISSING)
-    if model is not _MISSING and not isinstance(model, str):
-        raise ApiError(400, "model must be a string", "model")
-    request = generation_pb2.GenerateRequest()
-    if chat:
-        request.chat.CopyFrom(_chat(body))
-    else:
-        _prompt(body, request)
-        if body.get("echo"):
-            raise ApiError(400, "echo is not supported", "echo")
-        if body.get("suffix"):
-            raise ApiError(400, "suffix is not supported", "suffix")
-    sampling, top_n = _sampling(body, None if chat else COMPLETIONS_DEFAULT_MAX_TOKENS, chat)
-    request.sampling.CopyFrom(sampling)
-    stream = bool(_boolean(body, "stream"))
-    request.stream = stream
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
-    include_usage = bool(options and options.get("include_usage"))
-    return ParsedRequest(request, chat, stream, include_usage, top_n, sampling.n if sampling.HasField("n") else 1)
-
-
-def _prompt(body: dict, request: generation_pb2.GenerateRequest) -> None:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        request.text = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        request.tokens.ids.extend(prompt)
-    elif prompt is None:
-        raise ApiError(400, "prompt is required", "prompt")
-    else:
-        raise ApiError(400, "prompt must be a string or a list of token ids (batches of prompts are not supported)",
-                       "prompt")
-
-
-def _chat(body: dict) -> generation_pb2.Chat:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", "messages")
-    chat = generation_pb2.Chat()
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a role", "messages")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        if isinstance(content, list):  # content parts: only text ones
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
-        chat.messages.add(role=m["role"], content=content)
-    return chat
+    """The body of one request (parsed JSON) checked by its endpoint's model; ApiError when it is bad."""
+    try:
+        parsed = (ChatBody if chat else CompletionBody).model_validate(body)
+    except ValidationError as exc:
+        raise ApiError.from_validation(exc) from None
+    request = parsed.generate_request()
+    s = request.sampling
+    include_usage = parsed.stream_options is not None and bool(parsed.stream_options.include_usage)
+    return ParsedRequest(request, chat, request.stream, include_usage, s.logprobs if s.HasField("logprobs") else -1,
+                         s.n if s.HasField("n") else 1, parsed.model)
 
 
 # ---- writing answers --------------------------------------------------------------
@@ -331,7 +369,7 @@ class Answer:
         choices = []
         for r in sorted(responses, key=lambda r: r.index):
             self._count(r)
-            finish = FINISH_REASONS.get(r.finish_reason)
+            finish = FINISH_REASON_NAMES.get(r.finish_reason)
             logprobs = self._logprobs(r)
             if self.parsed.chat:
                 choices.append({"index": r.index, "message": {"role": "assistant", "content": r.text},
@@ -344,7 +382,7 @@ class Answer:
     def chunk(self, r: generation_pb2.GenerateResponse) -> dict:
         """One streamed chunk for one GenerateResponse."""
         self._count(r)
-        finish = FINISH_REASONS.get(r.finish_reason)
+        finish = FINISH_REASON_NAMES.get(r.finish_reason)
         logprobs = self._logprobs(r)
         if self.parsed.chat:
             delta: dict = {"content": r.text}

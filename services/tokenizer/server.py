@@ -5,7 +5,9 @@ scheduler's token-level `Generate`, and turns the token stream back into text
 (completion.py). It holds no state across requests, so any number of replicas can
 front one scheduler. Stop strings are handled here (the scheduler sees only token
 ids), and the upstream call is cancelled the moment one appears or the client goes
-away, which frees the request's KV pages in the scheduler at once.
+away, which frees the request's KV pages in the scheduler at once. A request the
+scheduler refuses ends here in the scheduler's own status, details and all
+(services/status.py), so its client learns which field was bad.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrpc.services import rpc
 from llmrpc.services.auth import Security
-from llmrpc.services.scheduler.validation import RequestError, check_request_id
+from llmrpc.services.contract import Limits, check_request_id
+from llmrpc.services.messages import from_message
+from llmrpc.services.status import StatusError
 from llmrpc.services.tokenizer.completion import Completion
 from llmrpc.services.tokenizer.metrics import FrontMetrics
 from llmrpc.services.tokenizer.template import InputError, Message, PromptBuilder, load_tokenizer
@@ -49,15 +53,6 @@ class TokenizerConfig:
     security: Security = Security()
 
 
-class GenerationError(Exception):
-    """A request that ends in a gRPC status: bad input, a missing scheduler, a broken stream."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
     """Generation at text level, forwarding token ids to the scheduler."""
 
@@ -71,29 +66,26 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
         try:
             async for response in self.generate(request, context.time_remaining()):
                 yield response
-        except GenerationError as exc:
-            await context.abort(exc.code, exc.message)
+        except StatusError as exc:
+            await exc.abort(context)
 
     async def generate(self, request: generation_pb2.GenerateRequest,
                        timeout: float | None = None) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """Generate without a gRPC context (the HTTP front door uses it too); raises GenerationError.
+        """Generate without a gRPC context (the HTTP front door uses it too); raises StatusError.
 
         Closing the iterator early (client gone) cancels the scheduler's call, which frees
         the request's KV pages at once.
         """
         prompts = self.prompts
         if prompts is None:
-            raise GenerationError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading", reason="LOADING")
         request_id = request.request_id or uuid.uuid4().hex
         sampling = request.sampling
-        try:
-            check_request_id(request_id)
-            prompt = self._prompt_ids(prompts, request)
-            for i, stop in enumerate(sampling.stop):
-                if not stop:
-                    raise InputError(f"sampling.stop[{i}] is empty")
-        except (InputError, RequestError) as exc:
-            raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        check_request_id(request_id)
+        prompt = self._prompt_ids(prompts, request)
+        for i, stop in enumerate(sampling.stop):
+            if not stop:
+                raise InputError(f"sampling.stop[{i}]", f"sampling.stop[{i}] is empty")
 
         upstream_sampling = generation_pb2.SamplingParams()
         upstream_sampling.CopyFrom(sampling)
@@ -104,11 +96,10 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
             sampling=upstream_sampling,
             stream=True,  # even for stream=false: stop strings must be seen as they come
         )
-        n = sampling.n if sampling.HasField("n") else 1
-        min_tokens = sampling.min_tokens if sampling.HasField("min_tokens") else 0
+        limits = from_message(Limits, sampling)  # the scheduler checks them; bad ones never stream
         completions = {
-            i: Completion(prompts.tokenizer, request_id, i, len(prompt), sampling.stop, min_tokens)
-            for i in range(max(n, 1))
+            i: Completion(prompts.tokenizer, request_id, i, len(prompt), sampling.stop, limits.min_tokens)
+            for i in range(max(limits.n, 1))
         }
         stream = not request.HasField("stream") or request.stream
         merged: dict[int, generation_pb2.GenerateResponse] = {}
@@ -120,8 +111,8 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
             async for response in call:
                 completion = completions.get(response.index)
                 if completion is None:
-                    raise GenerationError(grpc.StatusCode.INTERNAL,
-                                          f"scheduler answered index {response.index} of n={n}")
+                    raise StatusError(grpc.StatusCode.INTERNAL,
+                                      f"scheduler answered index {response.index} of n={limits.n}")
                 if completion.finished:
                     continue  # a token sampled after this index met a stop string
                 timing.tokens(response.index, len(response.token_ids))
@@ -134,14 +125,14 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
                     break
             unfinished = [i for i, c in completions.items() if not c.finished]
             if unfinished:
-                raise GenerationError(grpc.StatusCode.INTERNAL,
-                                      f"scheduler ended the stream before index {unfinished[0]} finished")
+                raise StatusError(grpc.StatusCode.INTERNAL,
+                                  f"scheduler ended the stream before index {unfinished[0]} finished")
             for index in sorted(merged):
                 yield merged[index]
             outcome = "finished"
         except grpc.aio.AioRpcError as exc:
             outcome = "rejected" if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else "error"
-            raise GenerationError(exc.code(), f"scheduler at {self._config.scheduler}: {exc.details()}") from None
+            raise self._upstream_error(exc) from None
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "aborted"
             raise
@@ -154,20 +145,24 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context) -> generation_pb2.ModelInfo:
         try:
             return await self.model_info(context.time_remaining())
-        except GenerationError as exc:
-            await context.abort(exc.code, exc.message)
+        except StatusError as exc:
+            await exc.abort(context)
 
     async def model_info(self, timeout: float | None = None) -> generation_pb2.ModelInfo:
-        """The scheduler's ModelInfo under this service's model name; raises GenerationError."""
+        """The scheduler's ModelInfo under this service's model name; raises StatusError."""
         try:
             info = await self._scheduler.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise GenerationError(exc.code(), f"scheduler at {self._config.scheduler}: {exc.details()}") from None
+            raise self._upstream_error(exc) from None
         if self._config.model_name:
             info.model_name = self._config.model_name
         elif not info.model_name:
             info.model_name = _name_of(self._config.model_path)
         return info
+
+    def _upstream_error(self, exc: grpc.aio.AioRpcError) -> StatusError:
+        """The scheduler's status, details intact, as this service answers it."""
+        return StatusError.of(exc).relayed(f"scheduler at {self._config.scheduler}")
 
     @staticmethod
     def _prompt_ids(prompts: PromptBuilder, request: generation_pb2.GenerateRequest) -> list[int]:
@@ -181,7 +176,7 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
             return prompts.from_chat(messages, add_prompt)
         if kind == "tokens":
             return prompts.from_tokens(request.tokens.ids)
-        raise InputError("input: set one of text, chat or tokens")
+        raise InputError("input", "input: set one of text, chat or tokens")
 
 
 def _merge(into: generation_pb2.GenerateResponse, piece: generation_pb2.GenerateResponse) -> None:

@@ -2,8 +2,8 @@
 
 The tokenizer comes from the model directory (Hugging Face tokenizer files) or from
 a `.gguf` file, which carries its own vocabulary and chat template. Input problems
-raise `InputError` naming the request field, which the servicer turns into
-INVALID_ARGUMENT.
+raise `InputError`, a FieldError naming the request field (INVALID_ARGUMENT with a
+google.rpc.BadRequest, services/status.py).
 """
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from llmrpc.services.status import FieldError
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-class InputError(ValueError):
-    """The request's input is unusable; the message names the offending field."""
+class InputError(FieldError):
+    """The request's input is unusable: `field` is the offending field, which the message starts with."""
 
 
 @dataclass(frozen=True)
@@ -42,21 +44,20 @@ class PromptBuilder:
 
     def from_text(self, text: str) -> list[int]:
         if not text:
-            raise InputError("text is empty")
+            raise InputError("text", "text is empty")
         # Raw completion: the tokenizer adds its own special tokens (e.g. BOS) if it uses any.
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The chat template applied to `messages`, as text."""
         if not messages:
-            raise InputError("chat.messages is empty")
+            raise InputError("chat.messages", "chat.messages is empty")
         for i, message in enumerate(messages):
             if message.role not in CHAT_ROLES:
-                raise InputError(
-                    f"chat.messages[{i}].role is {message.role!r}; expected one of {', '.join(CHAT_ROLES)}"
-                )
+                field = f"chat.messages[{i}].role"
+                raise InputError(field, f"{field} is {message.role!r}; expected one of {', '.join(CHAT_ROLES)}")
         if self.tokenizer.chat_template is None:
-            raise InputError("chat: this model has no chat template; send text or tokens")
+            raise InputError("chat", "chat: this model has no chat template; send text or tokens")
         from jinja2 import TemplateError
 
         try:
@@ -66,7 +67,8 @@ class PromptBuilder:
                 tokenize=False,
             )
         except TemplateError as exc:  # templates raise on e.g. roles that do not alternate
-            raise InputError(f"chat.messages: the model's chat template refused them: {exc}") from exc
+            raise InputError("chat.messages",
+                             f"chat.messages: the model's chat template refused them: {exc}") from exc
 
     def from_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         text = self.render_chat(messages, add_generation_prompt)
@@ -76,5 +78,5 @@ class PromptBuilder:
 
     def from_tokens(self, token_ids: Sequence[int]) -> list[int]:
         if not token_ids:
-            raise InputError("tokens.ids is empty")
+            raise InputError("tokens.ids", "tokens.ids is empty")
         return list(token_ids)

@@ -16,15 +16,20 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
 from llmrpc.engine.config import EngineConfig
 from llmrpc.services import rpc
 from llmrpc.services.auth import Security
+from llmrpc.services.messages import to_message
 from llmrpc.services.protocol import decode_step, encode_output
+from llmrpc.services.status import StatusError
 from llmrpc.v1 import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from llmrpc.engine.runner import ModelRunner
 
 log = logging.getLogger("llmrpc.worker")
 
@@ -43,7 +48,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def __init__(self, config: WorkerConfig) -> None:
         self._config = config
-        self._runner = None  # set once the model is loaded
+        self._runner: ModelRunner | None = None  # set once the model is loaded
         # One thread runs every forward pass, in order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         # Waiting for a step's tokens must not hold up the launch of the next one.
@@ -74,29 +79,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             logging.shutdown()
             os._exit(1)  # not sys.exit: another thread may still wait in a collective
 
-    async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
+    async def _loaded(self, context) -> ModelRunner:
+        """The runner, or UNAVAILABLE while the model loads."""
         if self._runner is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading the model")
-        i = self._runner.info
-        return worker_pb2.WorkerInfo(
-            model_name=i.model_name,
-            architecture=i.architecture,
-            context_length=i.context_length,
-            vocab_size=i.vocab_size,
-            eos_token_ids=list(i.eos_token_ids),
-            num_pages=i.num_pages,
-            page_size=i.page_size,
-            max_slots=i.max_slots,
-            tp_rank=i.tp_rank,
-            tp_size=i.tp_size,
-            device=i.device,
-            dtype=i.dtype,
-            model_path=i.model_path,
-        )
+            await StatusError(grpc.StatusCode.UNAVAILABLE, "worker is still loading the model",
+                              reason="LOADING").abort(context)
+        return self._runner
+
+    async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
+        runner = await self._loaded(context)
+        return to_message(runner.info, worker_pb2.WorkerInfo)  # EngineInfo's fields of the same names
 
     async def Steps(self, request_iterator, context) -> AsyncIterator[worker_pb2.StepResult]:
-        if self._runner is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading the model")
+        await self._loaded(context)
         if self._active_stream is not None:
             # A reconnecting scheduler replaces the old stream; the old one ends.
             self._active_stream.set()
@@ -109,8 +104,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         async def receive() -> None:
             try:
                 async for command in request_iterator:
-                    if command.shutdown:
-                        break
                     step = decode_step(command)
                     pending.put_nowait(loop.run_in_executor(self._compute, self._launch, step))
             finally:
@@ -128,7 +121,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                               else await loop.run_in_executor(self._results, launched.result))
                 except Exception as exc:  # a failed step ends the stream loudly
                     log.exception("step failed")
-                    await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}")
+                    await StatusError(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}",
+                                      reason="STEP_FAILED").abort(context)
                 yield encode_output(output)
         finally:
             receiver.cancel()

@@ -72,11 +72,13 @@ def test_reflection_only_client_lists_services_and_generates(default_stack) -> N
 
 
 def readme_curl_commands() -> list[str]:
+    """The README's curl commands against a local `llmrpc serve` (127.0.0.1:8000), not a cluster's."""
     text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
         joined = block.replace("\\\n", " ")
-        commands += [line.strip() for line in joined.splitlines() if line.strip().startswith("curl ")]
+        commands += [line.strip() for line in joined.splitlines()
+                     if line.strip().startswith("curl ") and "127.0.0.1:8000" in line]
     return commands
 
 

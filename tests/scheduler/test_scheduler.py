@@ -5,15 +5,17 @@ after every step, output and abort.
 """
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from llmrpc.bench.fake_worker import FakeWorker, HashModel, generate_alone
+from llmrpc.engine.step import Step
 from llmrpc.services.scheduler.config import SchedulerConfig
-from llmrpc.services.scheduler.request import AdmissionError, Request
+from llmrpc.services.scheduler.pipeline import StepPipeline
+from llmrpc.services.scheduler.request import AdmissionError, Request, TokenEvent
 from llmrpc.services.scheduler.scheduler import Scheduler
 
 EOS = 0
@@ -32,49 +34,54 @@ class Run:
     finish: dict[str, str] = field(default_factory=dict)
     usage: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     finish_order: list[str] = field(default_factory=list)
-    steps: int = 0
+
+
+class Ticking:
+    """The core as the pipeline sees it, with arrivals before and aborts after each next_step (a tick).
+
+    Aborts land after a step is built and before it is sent, with up to depth + 1 steps in
+    flight, as they can in the servicer.
+    """
+
+    def __init__(self, sched: Scheduler, arrivals: dict[int, list[Request]], aborts: dict[int, list[str]],
+                 run: Run) -> None:
+        self.sched, self.arrivals, self.aborts, self.run = sched, arrivals, aborts, run
+        self.tick = 0
+
+    def next_step(self) -> Step | None:
+        for req in self.arrivals.pop(self.tick, []):
+            self.sched.add_request(req)
+        step = self.sched.next_step()
+        for rid in self.aborts.pop(self.tick, []):
+            if rid not in self.run.finish:
+                self.sched.abort(rid)
+                self.run.finish[rid] = "abort"
+        self.tick += 1
+        return step
+
+    def on_step_output(self, *args) -> list[TokenEvent]:
+        return self.sched.on_step_output(*args)
 
 
 def simulate(sched: Scheduler, worker: FakeWorker, arrivals: dict[int, list[Request]], depth: int,
              aborts: dict[int, list[str]] | None = None) -> Run:
-    """Drives the core as the servicer does: up to `depth` steps are built beyond the oldest unread output."""
+    """Drives the core through the servicer's pipeline: up to `depth` steps beyond the oldest unread output."""
     assert depth == 0 or sched.config.overlap, "steps in flight need overlap in the core"
     arrivals = {t: list(reqs) for t, reqs in arrivals.items()}
     aborts = {t: list(ids) for t, ids in (aborts or {}).items()}
     run = Run()
-    in_flight: deque = deque()
-
-    def collect() -> None:
-        step_id, out = in_flight.popleft()
-        for ev in sched.on_step_output(step_id, out):
-            assert ev.request_id not in run.finish, f"event for {ev.request_id} after it ended"
-            run.tokens[ev.request_id].extend(ev.token_ids)
-            if ev.finish_reason is not None:
-                run.finish[ev.request_id] = ev.finish_reason
-                run.usage[ev.request_id] = ev.usage
-                run.finish_order.append(ev.request_id)
-
-    tick = 0
+    pipeline = StepPipeline(Ticking(sched, arrivals, aborts, run), worker.launch, depth)
     while True:
-        for req in arrivals.pop(tick, []):
-            sched.add_request(req)
-        step = sched.next_step()
-        # Aborts land while up to depth + 1 steps are in flight, as they can in the servicer.
-        for rid in aborts.pop(tick, []):
-            if rid not in run.finish:
-                sched.abort(rid)
-                run.finish[rid] = "abort"
-        tick += 1
-        if step is None:
-            if in_flight:
-                collect()
-            elif not arrivals and not aborts:
-                return run
-            continue
-        run.steps += 1
-        in_flight.append((step.step_id, worker.execute(step)))
-        while len(in_flight) > depth:
-            collect()
+        for events in pipeline.run():
+            for ev in events:
+                assert ev.request_id not in run.finish, f"event for {ev.request_id} after it ended"
+                run.tokens[ev.request_id].extend(ev.token_ids)
+                if ev.finish_reason is not None:
+                    run.finish[ev.request_id] = ev.finish_reason
+                    run.usage[ev.request_id] = ev.usage
+                    run.finish_order.append(ev.request_id)
+        if not arrivals and not aborts:  # idle with nothing more to come; else the ticks go on
+            return run
 
 
 def random_requests(rng: np.random.Generator, n: int, vocab: int, max_arrival: int) -> dict[int, list[Request]]:
@@ -183,6 +190,37 @@ def test_a_2000_token_shared_prefix_is_computed_once(arrive: int) -> None:
     assert sched.metrics.prefill_tokens < 2000 + 8 * 50
 
 
+@pytest.mark.parametrize("depth", [0, 1], ids=["no-overlap", "overlap"])
+def test_with_the_prefix_cache_off_nothing_is_shared_and_every_page_comes_back(depth: int) -> None:
+    rng = np.random.default_rng(3)
+    sched, worker = make(num_pages=300, page_size=16, max_slots=8, vocab=5000, overlap=depth > 0,
+                         prefix_cache=False)
+    prefix = rng.integers(1, 5000, 500).tolist()
+    reqs = [Request(f"q{i}", prefix + rng.integers(1, 5000, int(rng.integers(10, 30))).tolist(),
+                    max_tokens=8, ignore_eos=True) for i in range(8)]
+    run = simulate(sched, worker, {0: reqs[:1], 1: reqs[1:4], 40: reqs[4:]}, depth)
+    for req in reqs:
+        assert run.tokens[req.request_id] == expected(worker, req).output_ids
+        assert run.usage[req.request_id][2] == 0  # no cached prompt tokens, ever
+    assert sched.metrics.prefill_tokens == sum(len(r.prompt) for r in reqs)
+    assert sched.num_cached_pages == 0 and sched.num_free_pages == sched.config.num_pages
+    assert_no_leaks(sched)
+
+
+def test_with_the_prefix_cache_off_retraction_recomputes_everything() -> None:
+    sched, worker = make(**SMALL_POOL, prefix_cache=False)
+    arrivals = random_requests(np.random.default_rng(1), 120, vocab=48, max_arrival=100)
+    run = simulate(sched, worker, arrivals, depth=1)
+    for req in all_requests(arrivals):
+        ref = expected(worker, req)
+        assert (run.tokens[req.request_id], run.finish[req.request_id]) == (ref.output_ids, ref.finish_reason)
+        assert run.usage[req.request_id][2] == 0
+    m = sched.metrics
+    assert m.retractions > 0 and m.cached_prompt_tokens == 0 and m.evicted_pages == 0
+    assert sched.num_cached_pages == 0
+    assert_no_leaks(sched)
+
+
 def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_beside_decodes() -> None:
     sched, worker = make(num_pages=64, page_size=4, max_slots=4, max_prefill_tokens=16)
     short = Request("short", [5, 6, 7], max_tokens=12, ignore_eos=True)
@@ -218,6 +256,17 @@ def test_requests_that_can_never_fit_are_refused_at_admission() -> None:
     with pytest.raises(AdmissionError) as e:
         sched.add_request(Request("a", [1], max_tokens=1))
     assert e.value.field == "request_id"
+
+
+def test_requests_added_together_stand_or_fall_together() -> None:
+    sched, _ = make(num_pages=4, page_size=4, max_slots=2, context_length=32)
+    fits, too_long = Request("a#0", [1, 2], max_tokens=2), Request("a#1", [1] * 30, max_tokens=3)
+    with pytest.raises(AdmissionError) as e:
+        sched.add_requests([fits, too_long])
+    assert e.value.field == "max_tokens"
+    assert (sched.requests, sched.num_waiting, sched.next_step()) == ({}, 0, None)
+    sched.add_requests([Request("b#0", [1, 2], max_tokens=2), Request("b#1", [1, 2], max_tokens=2)])
+    assert sched.num_waiting == 2
 
 
 def test_a_request_needing_the_whole_pool_runs_alone_after_the_others() -> None:
@@ -285,7 +334,7 @@ def test_fail_all_errors_every_request_and_starts_empty() -> None:
         sched.add_request(Request(f"r{i}", [1 + i, 2, 3, 4, 5, 6], max_tokens=8))
     step = sched.next_step()
     assert step is not None and sched.num_running == 2 and sched.num_waiting == 1
-    events = sched.fail_all("worker lost")
+    events = sched.fail_all()
     assert sorted((e.request_id, e.finish_reason, tuple(e.token_ids)) for e in events) == [
         ("r0", "error", ()), ("r1", "error", ()), ("r2", "error", ())]
     assert sched.on_step_output(step.step_id, worker.execute(step)) == []  # a result from before is ignored
@@ -300,7 +349,7 @@ def test_the_invariant_check_catches_a_page_with_two_owners() -> None:
     sched, _ = make(num_pages=8, page_size=4, max_slots=2)
     sched.add_request(Request("a", [1, 2, 3, 4, 5, 6], max_tokens=4))
     assert sched.next_step() is not None
-    sched.pool.free([sched.running[0].pages[-1]])  # a bug: a running request's page freed
+    sched.kv.pool.free([sched.running[0].pages[-1]])  # a bug: a running request's page freed
     with pytest.raises(AssertionError, match="pages with two owners"):
         sched.check_invariants()
 

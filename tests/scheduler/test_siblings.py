@@ -10,6 +10,7 @@ import pytest
 
 from llmrpc.bench.fake_worker import FakeWorker, HashModel, generate_alone
 from llmrpc.services.scheduler.config import SchedulerConfig
+from llmrpc.services.scheduler.pipeline import StepPipeline
 from llmrpc.services.scheduler.request import Request, Sampling
 from llmrpc.services.scheduler.scheduler import Scheduler
 
@@ -20,8 +21,8 @@ def run_all(sched: Scheduler, worker: FakeWorker, requests: list[Request]) -> di
     for req in requests:
         sched.add_request(req)
     outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    while (step := sched.next_step()) is not None:
-        for event in sched.on_step_output(step.step_id, worker.execute(step)):
+    for events in StepPipeline(sched, worker.launch, depth=0).run():
+        for event in events:
             outputs[event.request_id].extend(event.token_ids)
     return outputs
 

@@ -1,14 +1,10 @@
 """Service-test fixtures: a tiny random Llama with the default model's tokenizer, single
-service processes that a test can kill precisely, and test certificates.
+service processes (the launcher's ServiceProcess) that a test can kill precisely, and test certificates.
 """
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrpc.bench.tiny_model import build_tiny_llama
+from llmrpc.services.cli import COMMAND
+from llmrpc.services.launcher import ServiceProcess
 from llmrpc.services.local_stack import LocalStack
 from llmrpc.services.rpc import free_port
 from tests.conftest import start_stack
@@ -44,47 +42,11 @@ def tiny_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Lo
     stack.stop()
 
 
-@dataclass
-class Service:
-    """One `llmrpc <service>` process on a loopback port."""
-
-    name: str
-    argv: list[str]
-    target: str
-    log_path: Path
-    process: subprocess.Popen | None = None
-    http: str = ""  # the HTTP base URL, where a test gave the service an HTTP port
-
-    def start(self) -> "Service":
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up of any kind, as in a crash."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def service(tmp: Path, name: str, *argv: object) -> Service:
+def service(tmp: Path, name: str, *argv: object) -> ServiceProcess:
+    """`llmrpc NAME --port P ARGV...` on a free port P, in its own process group, logging under `tmp`."""
     port = free_port()
-    args = [sys.executable, "-m", "llmrpc.services.cli", name, "--port", str(port), *map(str, argv)]
-    return Service(name, args, f"127.0.0.1:{port}", tmp / f"{name}-{port}.log")
+    return ServiceProcess(name, [*COMMAND, name, "--port", str(port), *map(str, argv)], f"127.0.0.1:{port}",
+                          log_path=tmp / f"{name}-{port}.log", own_group=True)
 
 
 def health_status(target: str, credentials: grpc.ChannelCredentials | None = None, timeout: float = 1.0) -> str:
@@ -98,7 +60,7 @@ def health_status(target: str, credentials: grpc.ChannelCredentials | None = Non
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
-def wait_status(svc: Service, status: str, credentials: grpc.ChannelCredentials | None = None,
+def wait_status(svc: ServiceProcess, status: str, credentials: grpc.ChannelCredentials | None = None,
                 timeout: float = 120.0) -> float:
     """Polls until `svc` reports `status`; returns the seconds it took."""
     start = time.monotonic()

@@ -1,10 +1,12 @@
-"""`llmrpc serve` as a supervisor, on a real stack: a killed worker comes back; SIGINT ends every process.
+"""The launcher: every `llmrpc serve` flag reaches the child that takes it; and, on a real stack,
+a killed worker comes back and SIGINT ends every process.
 
-Both tests share one small stack (its own process group, see `start_stack`); the
+The two stack tests share one small stack (its own process group, see `start_stack`); the
 SIGINT test stops it, so it comes last.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -14,15 +16,79 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmrpc.services import cli
 from llmrpc.services.client import build_request, check_health
+from llmrpc.services.launcher import GatewayConfig, Launcher
+from llmrpc.services.local_stack import LocalStack
 from llmrpc.services.rpc import channel
 from llmrpc.v1 import generation_pb2_grpc
-
-from llmrpc.services.local_stack import LocalStack
 
 from ..conftest import start_stack
 
 PROMPT = "Write one sentence about rivers."
+
+# Values for the serve flags whose changed value the test cannot derive (a flag given more does).
+SAMPLES = {
+    "--device": ["--device", "cuda:1"],
+    "--dist-init-addr": ["--dist-init-addr", "127.0.0.1:29555"],
+    "--host": ["--host", "0.0.0.0"],
+    "--api-key": ["--api-key", "s3cret-key"],
+    "--tls-cert": ["--tls-cert", "{tmp}/cert.pem", "--tls-key", "{tmp}/key.pem"],
+    "--tls-key": ["--tls-cert", "{tmp}/cert.pem", "--tls-key", "{tmp}/key.pem"],
+    "--model": ["--model", "{tmp}/other-model"],
+}
+
+
+def changed(action: argparse.Action, tmp: Path) -> list[str]:
+    """Arguments that set `action`'s flag to a value other than its default."""
+    flag = action.option_strings[0]
+    if flag in SAMPLES:
+        return [a.format(tmp=tmp) for a in SAMPLES[flag]]
+    if action.nargs == 0:
+        return [flag]
+    if action.choices:
+        return [flag, next(c for c in action.choices if c != action.default)]
+    if action.type is not None:  # a number: one more than the default
+        default = action.type(action.default) if isinstance(action.default, str) else action.default
+        return [flag, str((default or 0) + 1)]
+    raise AssertionError(f"{flag}: add a sample value to SAMPLES")
+
+
+def test_every_serve_flag_reaches_the_child_that_takes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each flag of `llmrpc serve` changes what serve runs, and every child, parsing the command line and
+    environment the launcher starts it with, builds exactly the config serve planned for it."""
+    for name in [n for n in os.environ if n.startswith("LLMRPC_") and n != "LLMRPC_CACHE_DIR"]:
+        monkeypatch.delenv(name)
+    for name in ("model", "other-model"):
+        (tmp_path / name).mkdir()
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("PEM")  # read by the launcher's health probe only
+
+    def plan(*argv: str) -> Launcher:
+        args = cli.build_parser().parse_args(["serve", "--model", str(tmp_path / "model"), *argv])
+        return Launcher(cli.serve_config(args, str(tmp_path)))
+
+    base = plan()
+    assert [c.name for c in base.children] == ["worker rank 0", "scheduler", "tokenizer"]
+    flags = [a for a in cli.command_parser("serve")._actions if a.option_strings and a.dest != "help"]
+    assert {"--page-size", "--max-context", "--tp", "--schedule-policy", "--overlap-depth",
+            "--disable-overlap"} <= {f.option_strings[0] for f in flags}
+    for action in flags:
+        argv = changed(action, tmp_path)
+        launcher = plan(*argv)
+        assert launcher.config != base.config, f"serve {' '.join(argv)}: nothing serve runs changed"
+        for service, child in zip(launcher.config.services(), launcher.children, strict=True):
+            if isinstance(service.config, GatewayConfig):  # --replicas: SMG, started on its config's command line
+                assert child.argv == service.config.argv() and child.health_url.endswith("/readiness")
+                continue
+            assert child.argv[:4] == [*cli.COMMAND, service.command]
+            assert "s3cret-key" not in child.argv  # secrets go by environment
+            with monkeypatch.context() as env:
+                for name, value in (child.env or {}).items():
+                    env.setenv(name, value)
+                args = cli.build_parser().parse_args(child.argv[3:])  # the child's own defaults from its env
+            assert cli.service_config(args) == service.config, f"serve {' '.join(argv)}: {service.name} differs"
+            assert args.log_level == launcher.config.log_level
 
 
 def process_group(pgid: int) -> dict[int, str]:

@@ -60,3 +60,14 @@ def test_output_round_trip() -> None:
     assert np.array_equal(back.top_ids, out.top_ids) and np.array_equal(back.top_logprobs, out.top_logprobs)
     plain = decode_output(worker_pb2.StepResult.FromString(encode_output(StepOutput(4, out.tokens)).SerializeToString()))
     assert plain.logprobs is None and plain.top_ids is None
+
+
+def test_admission_is_slot_params_field_for_field() -> None:
+    """A sampling fact added to SlotParams without a proto field of its name (or the reverse) fails here."""
+    from dataclasses import fields
+
+    assert {f.name for f in fields(SlotParams)} == set(worker_pb2.Admission.DESCRIPTOR.fields_by_name)
+    plain = SlotParams(slot=1)
+    back = decode_step(worker_pb2.StepCommand.FromString(
+        encode_step(Step(step_id=0, admissions=[plain])).SerializeToString())).admissions[0]
+    assert back == plain  # defaults survive, seed None included

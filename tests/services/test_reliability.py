@@ -296,22 +296,43 @@ def test_load_harness_closed_and_open_loop(tiny_stack, tmp_path) -> None:
     trace = tmp_path / "trace.jsonl"
     trace.write_text("\n".join(json.dumps({"chat_id": i, "timestamp": 100 + i * 0.05, "input_length": 20 + i,
                                            "output_length": 4 + i % 3, "type": "text"}) for i in range(6)) + "\n")
+    # Bailian rows sharing 4 of their 5 hash ids (16-token blocks): 64 of 80 prompt tokens in common.
+    shared = tmp_path / "shared.jsonl"
+    shared.write_text("".join(json.dumps({"timestamp": i * 0.1, "input_length": 80, "output_length": 4,
+                                          "hash_ids": [7, 8, 9, 10, 100 + i]}) + "\n" for i in range(6)))
     runs = {
         "closed": ["--target", tiny_stack.tokenizer, "--concurrency", "1,4", "--num-requests", "8",
                    "--input-len", "16:32", "--output-len", "8"],
         "poisson-http": ["--target", tiny_stack.http, "--api", "http", "--rate", "50", "--num-requests", "6",
                          "--input-len", "16", "--output-len", "5"],
+        "shared-http": ["--target", tiny_stack.http, "--api", "http", "--trace", str(shared), "--warmup", "2",
+                        "--goodput", "ttft:60000", "tpot:60000", "--max-concurrency", "2", "--export-requests"],
+        "duration": ["--target", tiny_stack.scheduler, "--rate", "20", "--max-concurrency", "3", "--duration", "1",
+                     "--input-len", "16", "--output-len", "4"],
+        "shared": ["--target", tiny_stack.scheduler, "--trace", str(shared), "--time-scale", "1,0.5"],
         "trace": ["--target", tiny_stack.scheduler, "--trace", str(trace), "--time-scale", "1,0.5"],
     }
+    reports = {}
     for name, argv in runs.items():
-        report = load.main([*argv, "--out", str(tmp_path / name)])
+        report = reports[name] = load.main([*argv, "--out", str(tmp_path / name)])
         saved = json.loads((tmp_path / f"{name}.json").read_text())
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
         assert saved["levels"] == report["levels"] and saved["commit"] and saved["hardware"]["cpus"]
         for level in report["levels"]:
-            assert level["errors"] == {} and level["completed"] == level["requests"]
-            assert level["output_tokens"] == level["expected_output_tokens"]
-            for key in ("ttft_ms", "itl_ms", "e2e_ms"):
-                assert 0 <= level[key]["p50"] <= level[key]["p90"] <= level[key]["p99"]
-    assert [lv["requests"] for lv in report["levels"]] == [6, 6]
+            assert level["failed"] == 0 and level["errors"] == [] and level["completed"] == level["num_prompts"]
+            assert level["total_output_tokens"] == level["expected_output_tokens"]
+            for name in ("ttft", "tpot", "itl", "e2el"):
+                assert 0 <= level[f"median_{name}_ms"] <= level[f"p90_{name}_ms"] <= level[f"p99_{name}_ms"]
+    assert [lv["num_prompts"] for lv in report["levels"]] == [6, 6]
     assert report["levels"][0]["expected_output_tokens"] == sum(4 + i % 3 for i in range(6))
+    # Prefix reuse is real: each level's 5 later rows find the 4 shared blocks cached (levels draw fresh blocks).
+    assert [len(reports[name]["levels"]) for name in ("shared", "shared-http")] == [2, 1]
+    for name in ("shared", "shared-http"):
+        assert all(lv["total_cached_tokens"] >= 5 * 64 for lv in reports[name]["levels"]), reports[name]["levels"]
+    assert reports["shared-http"]["levels"][0]["request_goodput"] == reports["shared-http"]["levels"][0]["request_throughput"]
+    assert reports["shared-http"]["levels"][0]["max_concurrent_requests"] <= 2
+    rows = [json.loads(line) for line in (tmp_path / "shared-http.requests.jsonl").read_text().splitlines()]
+    assert [(r["num_hash_ids"], r["output_tokens"], r["good"]) for r in rows] == [(5, 4, True)] * 6
+    assert all(len(r["itl_ms"]) == 3 for r in rows)  # one gap per token after the first, however events split
+    duration = reports["duration"]["levels"][0]
+    assert 1.0 <= duration["duration"] and duration["num_prompts"] >= 3 and duration["max_concurrent_requests"] <= 3

@@ -205,3 +205,35 @@ def test_cancel_frees_kv_pages_at_once(tmp_path: Path, default_model_dir: Path) 
 async def _model_info(target: str) -> pb.ModelInfo:
     async with channel(target) as ch:
         return await generation_pb2_grpc.GenerationStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+
+def test_disable_radix_cache_computes_every_prompt_in_full(tmp_path: Path, tiny_model: Path, tiny_stack) -> None:
+    """`--disable-radix-cache`: a repeated prompt reports no cached tokens and still gives the same tokens."""
+    from ..conftest import start_stack
+
+    prompt = list(range(100, 260))  # 160 tokens: 10 full pages a prefix cache would share
+    request = pb.GenerateRequest(tokens=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+
+    def twice(target: str) -> list[tuple[list[int], int]]:
+        runs = [asyncio.run(_collect(target, request)) for _ in range(2)]
+        return [([t for r in run for t in r.token_ids], run[-1].usage.cached_prompt_tokens) for run in runs]
+
+    cached = twice(tiny_stack.scheduler)
+    stack = start_stack(tmp_path, tiny_model, "--disable-radix-cache")
+    try:
+        naive = twice(stack.scheduler)
+        metrics = asyncio.run(_scrape(stack.scheduler))
+    finally:
+        stack.stop()
+    assert cached[1][1] >= 144 and naive[0][1] == naive[1][1] == 0  # the cached run shares 9+ pages
+    assert naive[0][0] == naive[1][0] == cached[0][0] == cached[1][0]
+    assert "llmrpc_scheduler_cached_prompt_tokens_total 0.0" in metrics
+    assert "llmrpc_scheduler_prefill_tokens_total 320.0" in metrics  # both prompts computed in full
+
+
+async def _scrape(target: str) -> str:
+    from llmrpc.services.contract import SCRAPE_METHOD
+
+    async with channel(target) as ch:
+        return (await ch.unary_unary(SCRAPE_METHOD)(b"", timeout=10)).decode()

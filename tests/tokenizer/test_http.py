@@ -17,8 +17,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import openai
+import pydantic
 import pytest
 import torch
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +82,13 @@ def metrics(stack) -> dict[str, float]:
     return values
 
 
+def info_labels(values: dict[str, float], name: str) -> dict[str, str]:
+    """The labels of an info metric (`name{k="v",...} 1`): there must be exactly one series."""
+    series = [key for key in values if key.startswith(name + "{")]
+    assert len(series) == 1 and values[series[0]] == 1, series
+    return dict(pair.split("=", 1) for pair in series[0][len(name) + 1:-1].replace('"', "").split(","))
+
+
 def post(stack, path: str, body: object) -> tuple[int, dict]:
     req = urllib.request.Request(stack.http + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -86,6 +96,50 @@ def post(stack, path: str, body: object) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def sse(stack, path: str, body: object) -> list[dict]:
+    """The JSON events of one streamed answer, [DONE] checked and dropped."""
+    req = urllib.request.Request(stack.http + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [line.removeprefix(b"data: ").decode() for line in r.read().splitlines() if line.startswith(b"data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ---- the answers' JSON against the openai package's own types ----------------------
+
+def test_answers_are_valid_openai_types(default_stack, model_name) -> None:
+    """Every answer shape, validated with the openai package's pydantic models (not just parsed)."""
+    chat = {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2, "n": 2, "seed": 1}
+    status, whole = post(default_stack, "/v1/chat/completions", chat)
+    assert status == 200
+    parsed = ChatCompletion.model_validate(whole)
+    assert [c.index for c in parsed.choices] == [0, 1] and parsed.usage.total_tokens > 0
+    assert all(c.logprobs.content and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+               for c in parsed.choices)
+    chunks = sse(default_stack, "/v1/chat/completions",
+                 {**chat, "stream": True, "stream_options": {"include_usage": True}})
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    completion = {"model": model_name, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+                  "logprobs": 2}
+    status, whole = post(default_stack, "/v1/completions", completion)
+    assert status == 200
+    assert Completion.model_validate(whole).choices[0].finish_reason == "length"
+    pieces = sse(default_stack, "/v1/completions", {**completion, "stream": True})
+    assert len(pieces) == 4
+    Completion.model_validate(pieces[-1])
+    for piece in pieces[:-1]:
+        # Streamed completions are Completions, except that OpenAI itself sends finish_reason null
+        # until the end, which the type (shared with the whole answer) marks as required.
+        with pytest.raises(pydantic.ValidationError) as error:
+            Completion.model_validate(piece)
+        assert [(e["loc"], e["input"]) for e in error.value.errors()] == [(("choices", 0, "finish_reason"), None)]
+    assert "".join(p["choices"][0]["text"] for p in pieces) == whole["choices"][0]["text"]
 
 
 # ---- the openai client: chat and completions, streamed and not ---------------------
@@ -232,6 +286,9 @@ def test_n_completions_prefill_the_prompt_once(client, model_name, default_stack
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
     ({"prompt": [1, 2, -3]}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
 ])
 def test_bad_input_is_a_400_naming_the_parameter(default_stack, body, param) -> None:
     status, answer = post(default_stack, "/v1/completions", body)
@@ -281,6 +338,11 @@ def test_metrics_expose_front_and_scheduler_numbers(default_stack, client, model
                  "llmrpc_scheduler_retractions_total"):
         assert name in m
     assert 0 < m["llmrpc_scheduler_kv_usage_ratio"] <= 1  # the prefix cache holds that prompt's pages
+    # In vLLM's sense (what llm-d's KV scorer reads) those unreferenced cached pages are free.
+    assert m["llmrpc_scheduler_running_requests"] == 0 and m["llmrpc_scheduler_kv_cache_usage_perc"] == 0
+    info = info_labels(m, "llmrpc_cache_config_info")
+    assert info["page_size"] == info["block_size"] == "16"
+    assert int(info["num_pages"]) == int(info["num_gpu_blocks"]) > 0
     assert m["llmrpc_scheduler_steps_total"] >= 3
 
 

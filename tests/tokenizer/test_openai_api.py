@@ -4,8 +4,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from llmrpc.services.status import FieldError, StatusError
 from llmrpc.services.tokenizer.openai_api import Answer, ApiError, parse_body
 from llmrpc.v1 import generation_pb2
+
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
 
 
 def test_completion_fields_map_onto_sampling_params() -> None:
@@ -43,26 +46,94 @@ def test_unset_fields_stay_unset_and_completions_default_to_16_tokens() -> None:
     ({"messages": []}, True, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, True, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, True, "stream"),
+    # JSON types are strict: no strings for numbers, no booleans for integers, nothing past int32
+    ({"prompt": "x", "temperature": "0.5"}, False, "temperature"),
+    ({"prompt": "x", "temperature": float("nan")}, False, "temperature"),
+    ({"prompt": "x", "n": True}, False, "n"),
+    ({"prompt": "x", "max_tokens": 2**31}, False, "max_tokens"),
+    ({"prompt": [1, 2**31]}, False, "prompt"),
+    ({"prompt": "x", "stop_token_ids": [1, "2"]}, False, "stop_token_ids"),
+    ({"prompt": "x", "stream_options": "usage"}, False, "stream_options"),
+    ({"prompt": "x", "model": 7}, False, "model"),
+    ({"messages": [{"content": "x"}]}, True, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, True,
+     "messages"),
 ])
 def test_bad_bodies_name_the_parameter(body, chat, param) -> None:
     with pytest.raises(ApiError) as err:
         parse_body(body, chat)
     assert err.value.status == 400 and err.value.param == param
     assert err.value.body()["error"]["type"] == "invalid_request_error"
+    assert err.value.message.startswith(param)
 
 
-@pytest.mark.parametrize("message, chat, param", [
-    ("scheduler at 127.0.0.1:1: sampling.top_p must be in (0, 1], got 2", False, "top_p"),
-    ("scheduler at 127.0.0.1:1: tokens.ids[3] = -1 is outside the vocabulary [0, 10)", False, "prompt"),
-    ("scheduler at 127.0.0.1:1: tokens.ids[3] = -1 is outside the vocabulary [0, 10)", True, "messages"),
-    ("scheduler at 127.0.0.1:1: max_tokens: prompt (3 tokens) + max_tokens (9) exceeds", False, "max_tokens"),
-    ("chat.messages[0].role must be one of system, user", True, "messages"),
+def test_a_body_that_is_no_object_is_a_400_without_a_parameter() -> None:
+    for body in ([{"prompt": "x"}], "x", None):
+        with pytest.raises(ApiError) as err:
+            parse_body(body, chat=False)
+        assert (err.value.status, err.value.param, err.value.message) == (
+            400, None, "the request body must be a JSON object")
+
+
+@pytest.mark.parametrize("body, chat, param", [
+    ({"prompt": "x", "logit_bias": {"50256": -100}}, False, "logit_bias"),
+    ({"prompt": "x", "suffix": "and so on"}, False, "suffix"),
+    ({"prompt": "x", "best_of": 3}, False, "best_of"),
+    ({"prompt": "x", "n": 2, "best_of": 3}, False, "best_of"),
+    ({**CHAT, "logit_bias": {"7": 5}}, True, "logit_bias"),
+    ({**CHAT, "response_format": {"type": "json_object"}}, True, "response_format"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, True, "tools"),
+    ({**CHAT, "tool_choice": "auto"}, True, "tool_choice"),
+    ({**CHAT, "parallel_tool_calls": True}, True, "parallel_tool_calls"),
+    ({**CHAT, "functions": [{"name": "f"}]}, True, "functions"),
+    ({**CHAT, "function_call": "auto"}, True, "function_call"),
+    ({**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, True, "audio"),
+    ({**CHAT, "modalities": ["text", "audio"]}, True, "modalities"),
+    ({**CHAT, "web_search_options": {}}, True, "web_search_options"),
+    ({**CHAT, "reasoning_effort": "high"}, True, "reasoning_effort"),
+    ({**CHAT, "verbosity": "low"}, True, "verbosity"),
 ])
-def test_service_errors_become_400s_naming_the_parameter(message, chat, param) -> None:
-    err = ApiError.from_status(grpc.StatusCode.INVALID_ARGUMENT, message, chat)
-    assert (err.status, err.param) == (400, param)
-    assert not err.message.startswith("scheduler at")
-    assert ApiError.from_status(grpc.StatusCode.UNAVAILABLE, "down", chat).status == 503
+def test_fields_that_would_change_the_answer_and_are_not_implemented_are_refused(body, chat, param) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_body(body, chat)
+    assert (err.value.status, err.value.param) == (400, param)
+    assert err.value.message.startswith(param) and "not supported" in err.value.message
+
+
+@pytest.mark.parametrize("extra, chat", [
+    ({"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+      "safety_identifier": "s", "prompt_cache_key": "p"}, True),
+    ({"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {},
+      "modalities": ["text"], "functions": None, "function_call": "none"}, True),
+    ({"user": "u-1", "echo": False, "suffix": "", "best_of": 1, "logit_bias": {}}, False),
+    ({"n": 2, "best_of": 2}, False),
+])
+def test_informational_and_neutral_fields_are_accepted_and_change_nothing(extra, chat) -> None:
+    plain = CHAT if chat else {"prompt": "x"}
+    with_extra = parse_body({**plain, **extra}, chat)
+    without = parse_body({**plain, **{k: v for k, v in extra.items() if k == "n"}}, chat)
+    assert with_extra == without
+
+
+@pytest.mark.parametrize("field, chat, param", [
+    ("sampling.top_p", False, "top_p"),
+    ("sampling.stop[1]", False, "stop"),
+    ("sampling.logprobs", False, "logprobs"),
+    ("sampling.logprobs", True, "top_logprobs"),
+    ("tokens.ids[3]", False, "prompt"),
+    ("tokens.ids[3]", True, "messages"),
+    ("text", False, "prompt"),
+    ("sampling.max_tokens", False, "max_tokens"),
+    ("chat.messages[0].role", True, "messages"),
+])
+def test_service_errors_become_400s_naming_the_parameter(field, chat, param) -> None:
+    """The parameter comes from the status's BadRequest field violation, not from the message."""
+    message = "whatever the service says, for people"
+    err = ApiError.from_error(FieldError(field, message).relayed("scheduler at 127.0.0.1:1"), chat)
+    assert (err.status, err.param, err.message) == (400, param, message)
+    down = ApiError.from_error(StatusError(grpc.StatusCode.UNAVAILABLE, "down").relayed("scheduler at 127.0.0.1:1"),
+                               chat)
+    assert (down.status, down.param, down.message) == (503, None, "scheduler at 127.0.0.1:1: down")
 
 
 def test_answers_sum_usage_over_indices_and_lay_out_logprobs() -> None:

@@ -171,6 +171,35 @@ def test_stop_string_cuts_text_and_frees_the_scheduler_request(default_stack, to
     assert_served_short(again)
 
 
+def test_a_stop_string_finish_reports_the_cached_prompt_tokens(default_stack, tokenizer) -> None:
+    """The tokenizer ends the request itself, before the scheduler's last message: usage is still whole."""
+    # Several full KV pages, which the prefix cache keeps.
+    prompt = ("The printing press came to Europe in the fifteenth century, when Gutenberg combined movable "
+              "metal type, oil-based ink and a screw press. Within fifty years presses ran in more than two "
+              "hundred cities. In two sentences, explain why this mattered to science:")
+
+    def request(**sampling) -> generation_pb2.GenerateRequest:
+        return build_request(prompt, chat=False, temperature=0.0, ignore_eos=True, **sampling)
+
+    async def test():
+        first = await collect(default_stack.tokenizer, request(max_tokens=REFERENCE_TOKENS))
+        warm = await collect(default_stack.tokenizer, request(max_tokens=REFERENCE_TOKENS))
+        reference = Reference(tokenizer.encode(prompt), tokens_of(warm), [r.text for r in warm])
+        stop, cut = reference.stop_string()
+        return first, warm, reference, cut, await collect(default_stack.tokenizer, request(max_tokens=LONG, stop=[stop]))
+
+    first, warm, reference, cut, stopped = asyncio.run(test())
+    assert tokens_of(first) == reference.tokens
+    cached = warm[-1].usage.cached_prompt_tokens
+    assert cached >= 32 and warm[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    last = stopped[-1]
+    assert last.finish_reason == generation_pb2.FINISH_REASON_STOP and "".join(r.text for r in stopped) == reference.text[:cut]
+    assert len(tokens_of(stopped)) < REFERENCE_TOKENS  # cut by the tokenizer, not by max_tokens
+    assert last.usage == generation_pb2.Usage(prompt_tokens=len(reference.prompt_ids),
+                                              completion_tokens=len(tokens_of(stopped)), cached_prompt_tokens=cached)
+    assert [r.HasField("usage") for r in stopped] == [False] * (len(stopped) - 1) + [True]
+
+
 def test_stream_false_returns_one_message_per_index(default_stack, tokenizer, reference) -> None:
     stop, cut = reference.stop_string()
     request_id = fresh_id()

@@ -11,7 +11,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "eos_token_ids", "num_pages", "page_size", "max_slots", "tp_rank", "tp_size", "device", "dtype", "model_path")
+    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "eos_token_ids", "num_pages", "page_size", "max_slots", "tp_rank", "tp_size", "device", "dtype")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -24,7 +24,6 @@ class WorkerInfo(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     context_length: int
@@ -37,8 +36,7 @@ class WorkerInfo(_message.Message):
     tp_size: int
     device: str
     dtype: str
-    model_path: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_slots: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_path: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_slots: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Admission(_message.Message):
     __slots__ = ("slot", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs", "prompt_tokens")
@@ -67,7 +65,7 @@ class Admission(_message.Message):
     def __init__(self, slot: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_tokens: _Optional[bytes] = ...) -> None: ...
 
 class StepCommand(_message.Message):
-    __slots__ = ("step_id", "admissions", "num_decode", "slots", "starts", "chunk_lens", "chunk_tokens", "sample_chunks", "page_counts", "page_ids", "shutdown")
+    __slots__ = ("step_id", "admissions", "num_decode", "slots", "starts", "chunk_lens", "chunk_tokens", "sample_chunks", "page_counts", "page_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ADMISSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_FIELD_NUMBER: _ClassVar[int]
@@ -78,7 +76,6 @@ class StepCommand(_message.Message):
     SAMPLE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PAGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
-    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     admissions: _containers.RepeatedCompositeFieldContainer[Admission]
     num_decode: int
@@ -89,21 +86,18 @@ class StepCommand(_message.Message):
     sample_chunks: bytes
     page_counts: bytes
     page_ids: bytes
-    shutdown: bool
-    def __init__(self, step_id: _Optional[int] = ..., admissions: _Optional[_Iterable[_Union[Admission, _Mapping]]] = ..., num_decode: _Optional[int] = ..., slots: _Optional[bytes] = ..., starts: _Optional[bytes] = ..., chunk_lens: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., sample_chunks: _Optional[bytes] = ..., page_counts: _Optional[bytes] = ..., page_ids: _Optional[bytes] = ..., shutdown: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., admissions: _Optional[_Iterable[_Union[Admission, _Mapping]]] = ..., num_decode: _Optional[int] = ..., slots: _Optional[bytes] = ..., starts: _Optional[bytes] = ..., chunk_lens: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., sample_chunks: _Optional[bytes] = ..., page_counts: _Optional[bytes] = ..., page_ids: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "tokens", "logprobs", "top_ids", "top_logprobs", "error")
+    __slots__ = ("step_id", "tokens", "logprobs", "top_ids", "top_logprobs")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     tokens: bytes
     logprobs: bytes
     top_ids: bytes
     top_logprobs: bytes
-    error: str
-    def __init__(self, step_id: _Optional[int] = ..., tokens: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., top_ids: _Optional[bytes] = ..., top_logprobs: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., tokens: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., top_ids: _Optional[bytes] = ..., top_logprobs: _Optional[bytes] = ...) -> None: ...

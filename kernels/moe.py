@@ -25,11 +25,12 @@ even though the single-program align kernel orders rows by atomics.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmrpc.kernels import triton_fused
 
 # ---- routing --------------------------------------------------------------------------------
 
@@ -109,14 +110,10 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> M
 
 
 @functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """The experts' outputs [T, H], summed over each token's top-k: Triton on CUDA where it imports."""
-    if x.is_cuda and x.shape[0] > 0 and triton_available():
+    if x.is_cuda and x.shape[0] > 0 and triton_fused.available():
         from llmrpc.kernels.moe_triton import fused_moe_triton
 
         return fused_moe_triton(x.contiguous(), w13, w2, topk_weights, topk_ids)

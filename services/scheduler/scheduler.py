@@ -148,7 +148,7 @@ class Scheduler:
             raise AdmissionError(
                 "max_tokens", f"prompt ({req.num_prompt} tokens) + max_tokens ({req.max_tokens}) "
                 f"exceeds the context length ({c.context_length})")
-        pages = -(-req.max_kv_tokens // c.page_size)
+        pages = self.kv.pages_for(req.max_kv_tokens)
         if pages > c.num_pages:
             raise AdmissionError(
                 "max_tokens", f"prompt ({req.num_prompt} tokens) + max_tokens ({req.max_tokens}) needs "

@@ -194,7 +194,7 @@ class _ProbeContext:
         raise StatusError(code, details)
 
     async def abort_with_status(self, status: grpc.Status) -> NoReturn:
-        raise StatusError(status.code, status.details)
+        raise StatusError.from_status(status)  # keeps the details (the field named)
 
 
 # ---- llmrpc's responses -> SMG's ------------------------------------------------------------

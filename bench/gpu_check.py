@@ -32,7 +32,7 @@ from llmrpc.engine.config import EngineConfig
 from llmrpc.engine.kv_cache import KVPool
 from llmrpc.engine.runner import ModelRunner
 from llmrpc.engine.step import SlotParams, Step
-from llmrpc.kernels import AttentionMetadata, create_attention_backend
+from llmrpc.kernels import AttentionMetadata, create_attention_backend, fused
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -46,13 +46,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def attention_case(page_size: int, rows: list[tuple[int, int]], num_decode: int, seed: int,
-                   heads: int = 16, kv_heads: int = 8, dim: int = 128, layers: int = 2) -> float:
-    """Max relative error (over layers) of flashinfer vs torch; rows are (cached prefix, new tokens)."""
+                   heads: int = 16, kv_heads: int = 8, dim: int = 128, layers: int = 2,
+                   kv_dtype: torch.dtype = torch.bfloat16) -> float:
+    """Max relative error (over layers) of flashinfer vs torch; rows are (cached prefix, new tokens); the
+    pages store `kv_dtype` (float8_e4m3fn: FlashInfer's FP8 paged attention, bench/fp8_kv.py)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     rng = np.random.default_rng(seed)
     total_pages = sum(-(-(p + n) // page_size) for p, n in rows) + 8
     pool = KVPool(layers, total_pages, page_size, kv_heads, dim, max_slots=len(rows), max_context=8192,
-                  dtype=torch.bfloat16, device="cuda")
+                  dtype=kv_dtype, device="cuda", compute_dtype=torch.bfloat16)
     free = list(rng.permutation(total_pages))
     kv_indices, out_loc, counts, positions = [], [], [], []
     for prefix, n in rows:
@@ -66,8 +68,11 @@ def attention_case(page_size: int, rows: list[tuple[int, int]], num_decode: int,
                 positions.append(pos)
     # The cached prefixes (and everything else) hold random K/V already.
     for layer in range(layers):
-        pool.k[layer].normal_(generator=g)
-        pool.v[layer].normal_(generator=g)
+        for cache in (pool.k[layer], pool.v[layer]):
+            if kv_dtype == torch.bfloat16:
+                cache.normal_(generator=g)
+            else:  # float8 has no normal_ kernel: drawn in float32, cast
+                cache.copy_(torch.randn(cache.shape, generator=g, device="cuda"))
     qo_lens = np.array([n for _, n in rows], np.int32)
     kv_lens = np.array([p + n for p, n in rows], np.int32)
     counts = np.array(counts, np.int32)
@@ -95,8 +100,9 @@ def attention_case(page_size: int, rows: list[tuple[int, int]], num_decode: int,
         if layer % 2 == 0:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = fi.forward(q, k, v, layer)
-        stored_k = pool.k[layer].view(-1, kv_heads, dim)[meta.out_loc].clone()
-        assert torch.equal(stored_k, k), "flashinfer backend stored K at the wrong places"
+        stored_k = pool.k[layer].view(-1, kv_heads, dim).view(torch.uint8)[meta.out_loc]  # float8 as bytes
+        want_k = fused.to_kv_dtype(k, kv_dtype).contiguous().view(torch.uint8)
+        assert torch.equal(stored_k, want_k), "flashinfer backend stored K at the wrong places"
         # The torch backend over the same pages (it stores the same K/V again).
         expected = ref.forward(q, k, v, layer)
         assert torch.isfinite(out).all()
@@ -166,7 +172,7 @@ class Driver:
         """One decode step of every slot; `forced` overrides the tokens fed (teacher forcing)."""
         n = len(self.prompts)
         if forced is not None:
-            self.runner.last_tokens[:n] = torch.from_numpy(forced.astype(np.int64)).cuda()
+            self.runner.last_tokens[:n] = torch.from_numpy(forced.astype(np.int64)).to(self.runner.device)
         pages, counts = [], []
         for s in range(n):
             new = self._pages(s, self.lens[s], self.lens[s] + 1)

@@ -46,7 +46,8 @@ for pin in $(grep -E '^[a-z0-9]' "$LOCK" | grep -Ev "$LINKED"); do
     || { echo "missing wheel: $pin (run: bash bench/image_check.sh fetch)"; exit 1; }
   wheels+=("$wheel")
 done
-python3 -m pip install -q --no-index --no-deps --no-compile --prefix "$venv" "${wheels[@]}"
+# --ignore-installed: a pin this interpreter already has would otherwise be skipped, not put in the venv
+python3 -m pip install -q --no-index --no-deps --no-compile --ignore-installed --prefix "$venv" "${wheels[@]}"
 grep -E "$LINKED" "$LOCK" >"$work/linked.txt"
 python3 - "$work/linked.txt" "$site" "$out/linked-versions.json" <<'EOF'
 """Links each pinned distribution from this interpreter's site-packages; records its version here."""
@@ -75,7 +76,7 @@ drift = {n: v for n, v in versions.items() if not v["same"]}
 print(f"linked {len(versions)} packages from {sys.prefix}; drift from the pins: {drift or 'none'}")
 EOF
 # llmrpc itself, built by the environment's own setuptools (pinned with the rest)
-PYTHONPATH="$site" python3 -m pip install -q --no-index --no-deps --no-build-isolation --prefix "$venv" .
+PYTHONPATH="$site" python3 -m pip install -q --no-index --no-deps --no-build-isolation --ignore-installed --prefix "$venv" .
 
 # 2. The image's environment: its CUDA's nvcc (the devel base) on PATH, fresh home and JIT cache.
 cuda=$(grep -oP '^ARG CUDA_IMAGE=nvidia/cuda:\K[0-9]+\.[0-9]+' docker/Dockerfile)
@@ -103,14 +104,17 @@ from pathlib import Path
 import flashinfer
 import grpc
 import torch
+import xgrammar  # constrained decoding's grammars and token masks (engine/constraint.py)
 
-from llmrpc.bench.offline import Stack
+from llmrpc.bench.offline import Stack, add_engine_args
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
 
 out = Path(sys.argv[1])
-args = argparse.Namespace(model="bench/configs/qwen3-0.6b", device="cuda", attention_backend="flashinfer",
-                          cuda_graph_max_bs=8, max_running=8, max_prefill_tokens=8192, log_dir=str(out))
+parser = argparse.ArgumentParser()
+add_engine_args(parser)  # the benches' flags: llmrpc's own engine and scheduler flags
+args = parser.parse_args(["--model", "bench/configs/qwen3-0.6b", "--device", "cuda", "--attention-backend", "flashinfer",
+                          "--cuda-graph-max-bs", "8", "--max-running-requests", "8", "--log-dir", str(out)])
 
 
 async def generate(target: str) -> list[int]:
@@ -123,9 +127,8 @@ async def generate(target: str) -> list[int]:
 
 
 started = time.time()
-stack = Stack(args)  # `llmrpc worker --device cuda` (dummy Qwen3-0.6B weights) and `llmrpc scheduler`
+stack = Stack(args)  # `llmrpc worker --device cuda` (dummy Qwen3-0.6B weights) and `llmrpc scheduler`, serving
 try:
-    stack.wait_ready(timeout=360)
     ready = time.time()
     tokens = asyncio.run(generate(stack.target))
 finally:
@@ -139,6 +142,6 @@ print(json.dumps(result, indent=1))
 assert len(tokens) == 16, "the generation did not produce 16 tokens"
 assert built, "FlashInfer built no kernel into the empty JIT cache"
 EOF
-if [[ $status != 0 ]]; then tail -40 "$out/worker.log" || true; echo "FAIL: the image's worker did not serve"; exit 1; fi
+if [[ $status != 0 ]]; then tail -40 "$out/worker-rank-0.log" || true; echo "FAIL: the image's worker did not serve"; exit 1; fi
 if grep -q '"same": false' "$out/linked-versions.json"; then echo "PASS with drift (linked-versions.json)"; exit 2; fi
 echo "PASS: the gpu-worker image's packages and environment serve a generation on this GPU"

@@ -11,6 +11,10 @@ stack   the scheduler's token-level Generate over gRPC, with `llmrpc worker` and
 engine  the same two measurements with services/llm.py's LLM: the scheduler core and ModelRunner
         in this process on the stack's step loop (no gRPC, no processes): what the stack adds is
         the difference
+worker  the stack's worker alone (its scheduler stopped), driven over its own Steps stream by
+        hand-built steps: the prefill of a 2,048-token prompt timed to its StepResult, and decode
+        steps of one row one at a time and with two in flight; with stack and engine it splits
+        what the stack adds into the worker's hop and the scheduler's
 """
 from __future__ import annotations
 
@@ -75,6 +79,63 @@ async def measure_stack(target: str, repeats: int, tag: str) -> dict:
     return _summary(decode, ttft)
 
 
+async def measure_worker(target: str, num_pages: int, repeats: int) -> dict:
+    """The worker's own Steps stream: prefill(2048) → first token, and one row's decode at depths 0 and 2."""
+    import grpc
+    import numpy as np
+
+    from llmrpc.engine.step import Sampling, SlotParams, Step
+    from llmrpc.services.protocol import encode_step
+    from llmrpc.v1 import worker_pb2_grpc
+
+    page_size, ids = 16, iter(range(1 << 62))
+
+    def prefill(prompt: list[int]) -> Step:
+        pages = -(-len(prompt) // page_size)
+        return Step(next(ids), slots=np.array([0], np.int32), starts=np.array([0], np.int32),
+                    chunk_lens=np.array([len(prompt)], np.int32), chunk_tokens=np.array(prompt, np.int32),
+                    sample_chunks=np.array([True]), page_counts=np.array([pages], np.int32),
+                    page_ids=np.arange(pages, dtype=np.int32) % num_pages,
+                    admissions=[SlotParams.of(Sampling(temperature=0.0), 0)])
+
+    def decode(position: int) -> Step:
+        new_page = position % page_size == 0
+        return Step(next(ids), num_decode=1, slots=np.array([0], np.int32), starts=np.array([position], np.int32),
+                    page_counts=np.array([int(new_page)], np.int32),
+                    page_ids=np.array([position // page_size % num_pages] if new_page else [], np.int32))
+
+    warm, decode_prompts, ttft_prompts = _prompts(random.Random(1), repeats)
+    async with grpc.aio.insecure_channel(target) as ch:
+        stream = worker_pb2_grpc.WorkerStub(ch).Steps()  # written to as the scheduler does (call.write)
+
+        async def run(steps: list[Step], depth: int) -> list[float]:
+            """Sends `steps` with at most depth + 1 in flight; each one's result time after the first send."""
+            t0, sent = time.perf_counter(), 0
+            done: list[float] = []
+            while len(done) < len(steps):
+                while sent < len(steps) and sent - len(done) <= depth:
+                    await stream.write(encode_step(steps[sent]))
+                    sent += 1
+                await stream.read()
+                done.append(time.perf_counter() - t0)
+            return done
+
+        for p in warm:
+            await run([prefill(p)] + [decode(len(p) + i) for i in range(64)], 2)
+        ttft = [(await run([prefill(p)], 0))[0] for p in ttft_prompts]
+        rates = {}
+        for depth in (0, 2):
+            tok_s = []
+            for p in decode_prompts:
+                times = await run([prefill(p)] + [decode(len(p) + i) for i in range(DECODE_TOKENS - 1)], depth)
+                tok_s.append((DECODE_TOKENS - 1) / (times[-1] - times[0]))
+            rates[depth] = tok_s
+        await stream.done_writing()
+    summary = _summary(rates[2], ttft)
+    summary["decode_tok_s_depth0"] = statistics.median(rates[0])
+    return summary
+
+
 def measure_engine(args: argparse.Namespace) -> dict:
     """The same requests through services/llm.py's LLM: the core and ModelRunner in this process (one step
     in flight), each token timed as the step loop hands it out."""
@@ -130,16 +191,23 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(rows, indent=2))
 
     systems = args.systems.split(",")
-    if "stack" in systems:
+    if "stack" in systems or "worker" in systems:
         stack = Stack(args, overlap_depth=args.overlap_depths[0])
         try:
-            for depth in args.overlap_depths:
+            for depth in args.overlap_depths if "stack" in systems else ():
                 if depth != stack.overlap_depth:
                     stack.restart_scheduler(depth)
                 m = asyncio.run(measure_stack(stack.target, args.repeats, f"o{depth}-"))
                 print(f"stack, overlap depth {depth}: {m['decode_tok_s']:.0f} tok/s, TTFT {m['ttft_ms']:.1f} ms",
                       flush=True)
                 record(f"stack depth {depth}", "llmrpc-stack", m, depth)
+            if "worker" in systems:
+                num_pages = stack.num_pages
+                stack.launcher.child("scheduler").stop()  # the worker takes one step stream at a time
+                m = asyncio.run(measure_worker(stack.worker_target, num_pages, args.repeats))
+                print(f"worker alone: {m['decode_tok_s']:.0f} tok/s at depth 2, {m['decode_tok_s_depth0']:.0f} at "
+                      f"depth 0, TTFT {m['ttft_ms']:.1f} ms", flush=True)
+                record("worker alone", "llmrpc-worker", m, 2)
         finally:
             stack.close()
     if "engine" in systems:

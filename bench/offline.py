@@ -179,6 +179,20 @@ class Stack:
     def target(self) -> str:
         return self.launcher.child("scheduler").target
 
+    @property
+    def worker_target(self) -> str:
+        return self.launcher.child("worker rank 0").target
+
+    @property
+    def num_pages(self) -> int:
+        """The worker's KV pool, in pages (from the scheduler's ModelInfo)."""
+        import grpc
+
+        from llmrpc.v1 import generation_pb2, generation_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as ch:
+            return generation_pb2_grpc.GenerationStub(ch).GetModelInfo(generation_pb2.GetModelInfoRequest()).kv_pages_total
+
     def restart_scheduler(self, overlap_depth: int) -> None:
         self.launcher.replace_scheduler(replace(self.launcher.config.scheduler, overlap_depth=overlap_depth))
 

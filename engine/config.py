@@ -16,6 +16,9 @@ _ALWAYS_QKV_BIAS = ("Qwen2ForCausalLM",)  # transformers' Qwen2: q/k/v biases wh
 _NO_OUT_BIAS = ("Qwen2ForCausalLM",)  # ... and never an o_proj bias
 _MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# --kv-cache-dtype: auto stores K/V in the model dtype; fp8_e4m3 in torch.float8_e4m3fn, half of bf16's bytes.
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+_KV_CACHE_TORCH_NAMES = {"fp8_e4m3": "float8_e4m3fn"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class EngineConfig:
     model_path: str
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: auto is the model dtype
     page_size: int = 16
     max_total_tokens: int | None = None  # caps the KV pool at this many tokens
     kv_memory_fraction: float = 0.85  # of the GPU memory still free after the weights
@@ -56,6 +60,9 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype (--kv-cache-dtype) must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
 
     @property
     def is_cuda(self) -> bool:
@@ -66,6 +73,11 @@ class EngineConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.is_cuda else "float32"
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        """The torch dtype (by name) the KV pages are stored in."""
+        return _KV_CACHE_TORCH_NAMES.get(self.kv_cache_dtype, self.torch_dtype_name)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,15 @@ safetensors files), with huggingface_hub's progress bar, into the cache it manag
 pinned to a commit first, so every file comes from one snapshot. Without network
 (or with HF_HUB_OFFLINE=1) the cached snapshot of that revision is served; when
 the cache lacks it, resolution fails within seconds naming the model.
+
+Also the model's tokenizer (`load_tokenizer`), which the tokenizer service and the worker
+(for grammar-constrained decoding) both load from the model path.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 # What a served model needs: configs and index (*.json), HF-layout weight shards (not Mistral's
 # duplicate consolidated.safetensors), and tokenizer files of every kind transformers reads.
@@ -20,6 +24,16 @@ HUB_TIMEOUT_S = 10.0
 
 _HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _CACHE_SNAPSHOT = re.compile(r"^models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
+
+
+def load_tokenizer(model_path: str | Path) -> Any:
+    """A fast Hugging Face tokenizer from an HF directory or a `.gguf` file."""
+    from transformers import AutoTokenizer  # heavy import, only where a tokenizer is loaded
+
+    path = Path(model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 class HubModelError(ValueError):

@@ -6,6 +6,11 @@ running request holds a slot, and the slot's page table lists the pages of its
 sequence in order (admission resets it, each step appends the pages it
 allocated). The table lives on the device so attention can read it without a
 host round trip; page counts per slot are mirrored on the host to build indices.
+
+The pages are stored in the model dtype or, with `--kv-cache-dtype fp8_e4m3`, in
+float8_e4m3fn (one byte per element, scale 1.0): half the bytes of bf16 per token,
+so the same memory holds twice the tokens. Backends cast on store (saturating,
+kernels/fused.py `to_kv_dtype`) and read the pages as `compute_dtype`.
 """
 from __future__ import annotations
 
@@ -13,10 +18,18 @@ import numpy as np
 import torch
 
 from llmrpc.engine.config import EngineConfig
+from llmrpc.kernels.fused import fp8_max
 
 # Without a GPU there is no free-memory reading to size from: a fixed budget instead.
 CPU_KV_BUDGET_BYTES = 1 << 30
 CPU_DEFAULT_MAX_TOKENS = 65536
+
+
+def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
+    """The dtype the pages are stored in: the model's, or float8_e4m3fn for `--kv-cache-dtype fp8_e4m3`."""
+    dtype = getattr(torch, config.kv_cache_dtype_name)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
 
 
 def plan_num_pages(config: EngineConfig, bytes_per_token: int) -> int:
@@ -38,17 +51,24 @@ def plan_num_pages(config: EngineConfig, bytes_per_token: int) -> int:
 
 
 class KVPool:
+    """`dtype` is what the pages store; `compute_dtype` what attention reads them as (default: `dtype`)."""
+
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                 max_slots: int, max_context: int, dtype: torch.dtype, device: torch.device | str) -> None:
+                 max_slots: int, max_context: int, dtype: torch.dtype, device: torch.device | str,
+                 compute_dtype: torch.dtype | None = None) -> None:
         self.num_pages = num_pages
+        self.dtype = dtype
+        self.compute_dtype = compute_dtype or dtype
         self.page_size = page_size
         self.max_slots = max_slots
         self.max_pages_per_seq = -(-max_context // page_size)
         self.device = torch.device(device)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         # Zeros, not empty: padded gathers read unused slots, and garbage NaNs would leak through 0-weights.
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        # A float8 pool is allocated as bytes and viewed (zero bytes are +0.0): no float8 fill kernel needed.
+        alloc = torch.uint8 if fp8_max(dtype) is not None else dtype
+        self.k = [torch.zeros(shape, dtype=alloc, device=self.device).view(dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=alloc, device=self.device).view(dtype) for _ in range(num_layers)]
         self.page_table = torch.zeros((max_slots, self.max_pages_per_seq), dtype=torch.int32, device=self.device)
         self.slot_num_pages = np.zeros(max_slots, dtype=np.int64)
         self.slot_lens = np.zeros(max_slots, dtype=np.int64)  # KV tokens written, after the last step

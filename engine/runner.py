@@ -12,21 +12,31 @@ through a non-blocking device → host copy and an event, so the caller can
 launch step N+1 before step N's tokens are read (`PendingOutput.result()`), and
 the GPU never idles while Python prepares the next step. On CUDA, pure decode
 steps replay CUDA graphs (engine/cuda_graph.py) when the backend supports them.
+
+Constrained rows (engine/constraint.py): admissions give their slots a grammar
+matcher (the grammar compiled once, ahead of time, by `compile_constraint`), the
+sample phase masks those rows' logits, and their tokens reach the matchers before
+the next step's mask is filled. Steps run in order, so this holds at any overlap
+depth; the one wait it adds, for step N's constrained tokens on the host, comes
+after step N+1's forward is queued. With tensor parallelism only rank 0 keeps
+matchers (and loads the tokenizer): rank 0's draw is every rank's.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, cast
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import numpy as np
 import torch
 
 from llmrpc.engine.config import EngineConfig, ModelConfig
+from llmrpc.engine.constraint import Constraint, ConstraintError, ConstraintTable, GrammarCache
 from llmrpc.engine.forward_batch import ForwardBatch
-from llmrpc.engine.kv_cache import KVPool, plan_num_pages
+from llmrpc.engine.kv_cache import KVPool, kv_cache_dtype, plan_num_pages
 from llmrpc.engine.loader import load_model_weights
 from llmrpc.engine.models import model_class
 from llmrpc.engine.parallel import init_tensor_parallel
@@ -35,6 +45,8 @@ from llmrpc.engine.step import Step, StepOutput
 from llmrpc.kernels import AttentionMetadata, create_attention_backend, resolve_attention_backend
 
 if TYPE_CHECKING:
+    import xgrammar as xgr
+
     from llmrpc.engine.cuda_graph import DecodeGraphs
     from llmrpc.engine.models.llama import LlamaAttention
     from llmrpc.kernels.flashinfer_backend import FlashInferAttentionBackend
@@ -62,6 +74,7 @@ class EngineInfo:
     tp_rank: int
     tp_size: int
     attention_backend: str = "torch"
+    kv_cache_dtype: str = ""  # the dtype the KV pages are stored in (--kv-cache-dtype)
 
 
 class PendingOutput:
@@ -134,7 +147,8 @@ class ModelRunner:
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         phase.done("weights: %s, %.2f GiB on %s", fmt, weight_bytes / 2**30, self.device)
         attn0 = cast("LlamaAttention", self.model.model.layers[0].self_attn)
-        bytes_per_token = KVPool.bytes_per_token(mc.num_hidden_layers, attn0.num_kv_heads, mc.head_dim, self.dtype)
+        kv_dtype = kv_cache_dtype(config)
+        bytes_per_token = KVPool.bytes_per_token(mc.num_hidden_layers, attn0.num_kv_heads, mc.head_dim, kv_dtype)
         backend = resolve_attention_backend(config.attention_backend, config.device)
         use_graphs = config.is_cuda and config.cuda_graph_max_bs > 0 and backend == "flashinfer"
         num_pages = plan_num_pages(config, bytes_per_token)
@@ -142,13 +156,18 @@ class ModelRunner:
         # warm-up and of padded graph rows.
         self.kv_pool = KVPool(mc.num_hidden_layers, num_pages + int(config.is_cuda), config.page_size,
                               attn0.num_kv_heads, mc.head_dim, config.max_slots, self.max_context,
-                              self.dtype, self.device)
+                              kv_dtype, self.device, compute_dtype=self.dtype)
         self.attention = create_attention_backend(backend, config.device, kv_pool=self.kv_pool,
                                                   scale=mc.head_dim ** -0.5, num_qo_heads=attn0.num_heads)
         self.sampler = Sampler(config.max_slots, mc.vocab_size, self.device, config.seed)
+        self.constraints = ConstraintTable(config.max_slots, mc.vocab_size, self.device)
+        self._tokenizer: Any = None
+        self._grammars: GrammarCache | ConstraintError | None = None  # built on first use; or why it cannot be
+        self._grammars_lock = threading.RLock()  # the tokenizer's and the grammar cache's first loads
         # Each slot's last sampled token: the input of its next decode row, never leaving the device.
         self.last_tokens = torch.zeros(config.max_slots, dtype=torch.long, device=self.device)
-        phase.done("KV pool: %d pages of %d tokens, %.2f GiB", num_pages, config.page_size,
+        phase.done("KV pool: %d pages of %d tokens (%d tokens, %s), %.2f GiB", num_pages, config.page_size,
+                   num_pages * config.page_size, config.kv_cache_dtype_name,
                    num_pages * config.page_size * bytes_per_token / 2**30)
         if config.is_cuda:
             self._warm_up(scratch_page=num_pages)
@@ -167,10 +186,11 @@ class ModelRunner:
             vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, num_pages=num_pages,
             page_size=config.page_size, max_slots=config.max_slots, device=str(self.device),
             dtype=config.torch_dtype_name, model_path=config.model_path, tp_rank=config.tp_rank,
-            tp_size=config.tp_size, attention_backend=backend,
+            tp_size=config.tp_size, attention_backend=backend, kv_cache_dtype=config.kv_cache_dtype_name,
         )
-        log.info("loaded %s (%s, %s weights) on %s: %d KV pages of %d tokens, in %.1f s", mc.name, mc.architecture,
-                 fmt, self.device, num_pages, config.page_size, phase.total)
+        log.info("loaded %s (%s, %s weights) on %s: %d KV pages of %d tokens (%s), in %.1f s", mc.name,
+                 mc.architecture, fmt, self.device, num_pages, config.page_size, config.kv_cache_dtype_name,
+                 phase.total)
 
     @torch.inference_mode()
     def _warm_up(self, scratch_page: int) -> None:
@@ -188,8 +208,47 @@ class ModelRunner:
             positions=torch.arange(n, device=device))
         self.attention.plan(meta)
         hidden = self.model(torch.zeros(n, dtype=torch.long, device=device), meta.positions, self.attention)
-        self.sampler.warm_up(self.model.compute_logits(hidden[-1:]))
+        logits = self.model.compute_logits(hidden[-1:])
+        self.sampler.warm_up(logits)
+        if self.config.tp_rank == 0:
+            self.constraints.warm_up(logits)
         torch.cuda.synchronize(device)
+
+    # ---- constrained decoding ---------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, loaded on first use (constraints, text prompts)."""
+        with self._grammars_lock:
+            if self._tokenizer is None:
+                from llmrpc.engine.hub import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.config.model_path)
+            return self._tokenizer
+
+    def grammars(self) -> GrammarCache:
+        """The grammar cache over the model's tokenizer (built on first use); ConstraintError when the
+        model has no tokenizer (e.g. random weights at a config's shape)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                try:
+                    self._grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size,
+                                                  self.model_config.eos_token_ids)
+                except ConstraintError as exc:
+                    self._grammars = exc
+                except Exception as exc:  # no tokenizer files, or ones transformers cannot read
+                    log.info("constraints refused: no tokenizer at %s (%s)", self.config.model_path, exc)
+                    self._grammars = ConstraintError(
+                        "constraint", "the model has no tokenizer, which constrained decoding needs")
+            cached = self._grammars
+        if isinstance(cached, ConstraintError):
+            raise cached
+        return cached
+
+    def compile_constraint(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        """Compiles (or finds) `constraint`'s grammar; thread-safe, so callers compile off the step thread.
+        Raises ConstraintError naming the field when it cannot be served."""
+        return self.grammars().get(constraint)
 
     @torch.inference_mode()
     def execute(self, step: Step) -> StepOutput:
@@ -209,6 +268,9 @@ class ModelRunner:
         for params in step.admissions:
             self.kv_pool.reset_slot(params.slot)
             self.sampler.admit(params)
+            if self.config.tp_rank == 0:  # the other ranks' draws are replaced by rank 0's
+                grammar = None if params.constraint is None else self.compile_constraint(params.constraint)
+                self.constraints.admit(params.slot, grammar, params.output_tokens)
         self.kv_pool.append_pages(step.slots.astype(np.int64), step.page_counts, step.page_ids)
         if step.num_rows == 0:
             return None
@@ -236,9 +298,13 @@ class ModelRunner:
         slots = batch.sample_slots
         if len(slots) == 0:
             return PendingOutput(batch.step_id, {}, None)
-        result = self.sampler.sample(logits, slots, batch.sample_positions)
+        # The forward is queued: the host waits for the last step's constrained tokens (if any) and
+        # fills this step's bitmask while the device computes.
+        constrain = self.constraints.mask(slots)
+        result = self.sampler.sample(logits, slots, batch.sample_positions, constrain)
         # Ranks must agree on the tokens: rank 0's draw is everyone's.
         tokens = self.tp.broadcast(result.tokens)
+        self.constraints.sampled(slots, tokens)
         self.last_tokens[torch.from_numpy(slots).to(self.device, non_blocking=True)] = tokens
         device = {"tokens": tokens.to(torch.int32)}
         if result.logprobs is not None:

@@ -7,6 +7,7 @@ for a row, on float32 logits:
 1. penalties over the slot's history: repetition (prompt and output tokens:
    positive logits divided by it, negative ones multiplied), then frequency
    (times the token's output count) and presence (once per output token seen);
+   then, for rows with a grammar, the tokens it forbids go to -inf (engine/constraint.py);
 2. greedy rows: argmax, done;
 3. rows that filter nothing (no top-k, top-p or min-p): the exponential race,
    argmax(logits / T - log E) with E ~ Exp(1) per token (kernels/sampling.py):
@@ -30,6 +31,7 @@ reports them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -134,6 +136,10 @@ class Sampler:
             self._prompt_mask[s].zero_()
             if p.prompt_tokens:
                 self._prompt_mask[s, torch.tensor(p.prompt_tokens, dtype=torch.long, device=self.device)] = True
+            if p.output_tokens:  # a recompute: the outputs so far count as they did before the retraction
+                outputs = torch.tensor(p.output_tokens, dtype=torch.long, device=self.device)
+                self._output_counts[s].index_put_((outputs,), torch.ones_like(outputs, dtype=torch.int32),
+                                                  accumulate=True)
 
     def _rows(self, values: np.ndarray, slots: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(values[slots]).to(self.device, dtype, non_blocking=True)
@@ -182,14 +188,19 @@ class Sampler:
             filtered_sample_flashinfer(self._fi, logits, one, torch.full((1,), 2, device=self.device),
                                        0.9 * one, 0.1 * one, torch.Generator(device=self.device))
 
-    def sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> SampleResult:
+    def sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray,
+               constrain: Callable[[torch.Tensor], None] | None = None) -> SampleResult:
         """Row i of `logits` [S, V] belongs to `slots[i]` and samples the token at `positions[i]` of its
         sequence (the number of tokens before it); returns the sampled tokens on the device.
 
         `logits` may be bf16: greedy and race rows read it as it is; only penalties, filters and
         logprobs work on a float32 copy, so the common case never upcasts the [S, V] block.
+        `constrain` (engine/constraint.py's mask) sets the logits that constrained rows' grammars
+        forbid to -inf, in place, after the penalties and before every draw; logprobs stay of the
+        raw distribution.
         """
         raw = logits
+        top_n = int(self.logprobs[slots].max(initial=-1))
         rows = np.flatnonzero(self.penalized[slots])
         if len(rows):
             assert self._prompt_mask is not None and self._output_counts is not None  # admit made them
@@ -199,6 +210,10 @@ class Sampler:
                                         self._rows(self.repetition, slots[rows], torch.float32),
                                         self._rows(self.frequency, slots[rows], torch.float32),
                                         self._rows(self.presence, slots[rows], torch.float32))
+        if constrain is not None:
+            if logits is raw and top_n >= 0:
+                logits = logits.clone()  # the logprobs read the unmasked logits
+            constrain(logits)
         temperature = self.temperature[slots]
         greedy = temperature <= 0.0
         filters = (self.top_k[slots] > 0) | (self.top_p[slots] < 1.0) | (self.min_p[slots] > 0.0)
@@ -237,7 +252,6 @@ class Sampler:
             self._output_counts.index_put_((s, tokens[r]), torch.ones(len(rows), dtype=torch.int32, device=self.device),
                                            accumulate=True)
         result = SampleResult(tokens)
-        top_n = int(self.logprobs[slots].max(initial=-1))
         if top_n >= 0:
             logp = torch.log_softmax(raw, dim=-1, dtype=torch.float32)
             result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from llmrpc.engine.constraint import Constraint
+
 GREEDY = 0.0
 
 
@@ -27,6 +29,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int = -1  # -1: none; 0: the sampled token's; N: plus top-N
+    constraint: Constraint | None = None  # the grammar every output token keeps to (engine/constraint.py)
 
     @property
     def greedy(self) -> bool:
@@ -43,11 +46,15 @@ class SlotParams(Sampling):
 
     slot: int
     prompt_tokens: tuple[int, ...] = ()  # only sent when a penalty needs the prompt
+    # The outputs a request already has when it takes the slot again (a retraction's recompute),
+    # only sent when its matcher (or a penalty's history) must replay them.
+    output_tokens: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, sampling: Sampling, slot: int, prompt_tokens: tuple[int, ...] = ()) -> SlotParams:
+    def of(cls, sampling: Sampling, slot: int, prompt_tokens: tuple[int, ...] = (),
+           output_tokens: tuple[int, ...] = ()) -> SlotParams:
         facts = {f.name: getattr(sampling, f.name) for f in fields(Sampling)}
-        return cls(slot, prompt_tokens=prompt_tokens, **facts)
+        return cls(slot, prompt_tokens=prompt_tokens, output_tokens=output_tokens, **facts)
 
 
 def _i32(values: object = ()) -> np.ndarray:

@@ -7,6 +7,10 @@ KV, which is exactly "query i sits at position prefix + i"). A pure decode step
 runs the batch decode kernel with tensor cores, which pays off for GQA. New K/V
 go into the pages at the step's `out_loc` in one launch (kernels/fused.py `store_kv`).
 
+With a float8 pool (--kv-cache-dtype fp8_e4m3) every wrapper is planned with
+`kv_data_type` float8_e4m3fn and `q_data_type` the model dtype: FlashInfer's FP8
+paged attention (fa2 kernels, scale 1.0) reads the pages as they are stored.
+
 For CUDA graphs the backend keeps one decode wrapper per captured batch size,
 each with fixed index buffers that `plan_graph()` refills before a replay; the
 captured kernels read those buffers, so the graph never changes.
@@ -57,7 +61,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.scale = scale
         self.num_qo_heads = num_qo_heads
         _pages, self.page_size, self.num_kv_heads, self.head_dim = kv_pool.k[0].shape
-        self.dtype = kv_pool.k[0].dtype
+        self.kv_dtype = kv_pool.dtype  # what the pages store
+        self.q_dtype = kv_pool.compute_dtype  # q's (and the output's): the model dtype
         self.device = kv_pool.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa2, the same kernel family as tensor-core decode: one JIT build serves both (fa3 is a second, slow one).
@@ -83,15 +88,15 @@ class FlashInferAttentionBackend(AttentionBackend):
             wrapper = self.decode
             self._eager_planned[id(wrapper)].synchronize()
             wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
-                         self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                         self.head_dim, self.page_size, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
                          sm_scale=self.scale)
         else:
             wrapper = self.prefill
             self._eager_planned[id(wrapper)].synchronize()
             qo_indptr = torch.from_numpy(np.ascontiguousarray(m.qo_indptr, dtype=np.int32))
             wrapper.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
-                         self.head_dim, self.page_size, causal=True, q_data_type=self.dtype,
-                         kv_data_type=self.dtype, sm_scale=self.scale)
+                         self.head_dim, self.page_size, causal=True, q_data_type=self.q_dtype,
+                         kv_data_type=self.kv_dtype, sm_scale=self.scale)
         self._eager_planned[id(wrapper)].record()
         self._active = wrapper
         self._out_loc = m.out_loc
@@ -112,7 +117,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             g.planned.synchronize()
         kv_indptr, kv_indices, last_page_len = self._plan_args(m)
         g.wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
-                       self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                       self.head_dim, self.page_size, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
                        sm_scale=self.scale)
         g.planned.record()
         g.planned_once = True

@@ -1,5 +1,5 @@
 """Fused elementwise kernels of the model's layers: RMSNorm, add + RMSNorm, SiLU-and-mul, Q/K norm + RoPE,
-and the K/V store into the paged cache.
+and the K/V store into the paged cache (cast to the cache's dtype, float8 saturating: `to_kv_dtype`).
 
 Each op has a plain PyTorch version (the reference: the CPU path, and any GPU
 without FlashInfer or Triton) and a fused version used for CUDA tensors: FlashInfer's
@@ -76,12 +76,33 @@ def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     return one(q, q_weight), one(k, k_weight)
 
 
+def fp8_max(dtype: torch.dtype) -> float | None:
+    """The largest finite value of a float8 cache dtype (448 for e4m3), where a store saturates; None otherwise."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return float(torch.finfo(dtype).max)
+    return None
+
+
+def to_kv_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it. Into float8 with scale 1.0 (no calibrated scales, as SGLang and vLLM by
+    default), clamped to the largest finite value first, so an outlier saturates rather than turning NaN."""
+    limit = fp8_max(dtype)
+    if limit is not None:
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
+
+
 def store_kv_torch(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
-    """Token t's K and V go to slot loc[t] of the caches [pages, page_size, kv_heads, head_dim]."""
+    """Token t's K and V go to slot loc[t] of the caches [pages, page_size, kv_heads, head_dim], cast to
+    the caches' dtype (`to_kv_dtype`)."""
     for cache, x in ((k_cache, k), (v_cache, v)):
         flat = cache.view(-1, *x.shape[1:])
-        flat.index_copy_(0, loc, x.to(flat.dtype))
+        x = to_kv_dtype(x, flat.dtype)
+        if fp8_max(flat.dtype) is not None:  # index_copy_ has no float8 kernel (on the CPU at least): copy bytes
+            flat.view(torch.uint8).index_copy_(0, loc, x.view(torch.uint8))
+        else:
+            flat.index_copy_(0, loc, x)
 
 
 # ---- dispatching ops ------------------------------------------------------------------------------
@@ -144,8 +165,9 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, kernel: str = "auto") -> None:
-    """New K/V [T, kv_heads, d] into their cache slots `loc` (page * page_size + offset): on CUDA one
-    Triton launch for both (index_copy_ takes one per tensor); `kernel` "torch" forces index_copy_."""
+    """New K/V [T, kv_heads, d] into their cache slots `loc` (page * page_size + offset), cast to the
+    caches' dtype (float8 saturating, `to_kv_dtype`): on CUDA one Triton launch for both (index_copy_
+    takes one per tensor); `kernel` "torch" forces index_copy_."""
     if kernel == "triton" or (kernel == "auto" and k.is_cuda and triton_fused.available()):
         triton_fused.store_kv(k_cache, v_cache, loc, k, v)
     else:

@@ -4,7 +4,8 @@ Used on the CPU and anywhere no faster backend is installed. `plan()` turns the
 page lists into token-level gather indices once per step; each layer then gathers
 its rows' K/V from the pages. Decode rows (one query each) run as one padded SDPA
 call; each prefill chunk runs its own call with a mask that is causal within the
-chunk and open over the cached prefix.
+chunk and open over the cached prefix. Pages stored in float8 (--kv-cache-dtype
+fp8_e4m3) are upcast to q's dtype after the gather, so only the rows read are converted.
 """
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
     from llmrpc.engine.kv_cache import KVPool
+
+
+def _gather(flat: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """flat[index] as `dtype`; float8 pages are gathered as bytes (not every torch build indexes float8 on CUDA)."""
+    if fused.fp8_max(flat.dtype) is not None:
+        return flat.view(torch.uint8)[index].view(flat.dtype).to(dtype)
+    return flat[index].to(dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -68,17 +76,18 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = m.num_decode
         if nd:
+            assert self._decode_index is not None  # planned with nd decode rows
             # [D, heads, 1 query, head_dim] against [D, kv_heads, max_kv, head_dim], padding masked out.
-            keys = k_flat[self._decode_index].transpose(1, 2)
-            values = v_flat[self._decode_index].transpose(1, 2)
+            keys = _gather(k_flat, self._decode_index, q.dtype).transpose(1, 2)
+            values = _gather(v_flat, self._decode_index, q.dtype).transpose(1, 2)
             out[:nd] = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2), keys, values, attn_mask=self._decode_mask, scale=self.scale, enable_gqa=True
             ).squeeze(2)
         for q0, q1, kv, mask in self._prefill:
             o = F.scaled_dot_product_attention(
                 q[q0:q1].transpose(0, 1).unsqueeze(0),
-                k_flat[kv].transpose(0, 1).unsqueeze(0),
-                v_flat[kv].transpose(0, 1).unsqueeze(0),
+                _gather(k_flat, kv, q.dtype).transpose(0, 1).unsqueeze(0),
+                _gather(v_flat, kv, q.dtype).transpose(0, 1).unsqueeze(0),
                 attn_mask=mask, scale=self.scale, enable_gqa=True,
             )
             out[q0:q1] = o[0].transpose(0, 1)

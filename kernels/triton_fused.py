@@ -12,7 +12,8 @@ in place: one launch for both tensors instead of two norms, a RoPE and the
 copies that fed them. Without weights it is RoPE alone.
 
 `store_kv` writes each new token's K and V into its slot of the paged cache
-(`out_loc`: page * page_size + offset) in one launch for both tensors.
+(`out_loc`: page * page_size + offset) in one launch for both tensors, cast to the
+cache's dtype; into a float8 cache (--kv-cache-dtype fp8_e4m3) it saturates first.
 
 Triton is imported on first use (a CPU deployment never needs it). Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors; the tests use that to
@@ -81,7 +82,8 @@ def _kernels():
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def store_kv_kernel(k_ptr, v_ptr, k_row_stride, v_row_stride, k_cache_ptr, v_cache_ptr, loc_ptr, num_tokens,
-                        ROW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                        ROW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                        SATURATE: tl.constexpr, LIMIT: tl.constexpr):
         # One token's K (or V) is ROW = kv_heads * head_dim contiguous elements, in the input and in its slot.
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -92,6 +94,9 @@ def _kernels():
         dst = slot[:, None] * ROW + cols[None, :]
         k = tl.load(k_ptr + src * k_row_stride + cols[None, :], mask=mask)
         v = tl.load(v_ptr + src * v_row_stride + cols[None, :], mask=mask)
+        if SATURATE:  # a float8 cache: clamp to its largest finite value, so outliers never become NaN
+            k = tl.clamp(k.to(tl.float32), -LIMIT, LIMIT)
+            v = tl.clamp(v.to(tl.float32), -LIMIT, LIMIT)
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -125,7 +130,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              block_t: int = STORE_BLOCK_T) -> None:
-    """k_cache.view(-1, kv_heads, d)[loc] = k and the same for v, in one launch; caches contiguous."""
+    """k_cache.view(-1, kv_heads, d)[loc] = k and the same for v, in one launch; caches contiguous, of any
+    dtype the values are cast to (a float8 one saturating, as kernels/fused.py `to_kv_dtype`)."""
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
@@ -135,5 +141,8 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
     triton, _, kernel = _kernels()
     block_c = min(triton.next_power_of_2(row), 1024)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(row, block_c))
+    from llmrpc.kernels.fused import fp8_max  # here, not at the top: fused imports this module
+
+    limit = fp8_max(k_cache.dtype)
     kernel[grid](k, v, k.stride(0), v.stride(0), k_cache, v_cache, loc, num_tokens,
-                 ROW=row, BLOCK_T=block_t, BLOCK_C=block_c)
+                 ROW=row, BLOCK_T=block_t, BLOCK_C=block_c, SATURATE=limit is not None, LIMIT=float(limit or 0.0))

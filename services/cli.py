@@ -134,12 +134,16 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
     """How each worker rank runs the model: EngineConfig's fields (`serve` passes them to every rank)."""
+    from llmrpc.engine.config import KV_CACHE_DTYPES
     from llmrpc.kernels import attention_backend_names
 
     g = p.add_argument_group("engine", "how each worker rank runs the model")
     return [
         g.add_argument("--device", default=_env("device", "auto"), help="cpu, cuda, cuda:N or auto"),
         g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"]),
+        g.add_argument("--kv-cache-dtype", default=_env("kv_cache_dtype", "auto"), choices=KV_CACHE_DTYPES,
+                       help="what the KV pages store: auto (the model dtype) or fp8_e4m3 (half of bf16's bytes: "
+                            "twice the tokens in the pool)"),
         g.add_argument("--page-size", type=int, default=_env("page_size", 16)),
         g.add_argument("--max-total-tokens", type=_zero_is_none, default=_env("max_total_tokens", "0"),
                        help="cap the KV pool at this many tokens (0: size from memory)"),
@@ -188,6 +192,23 @@ def add_scheduler_flags(p: argparse.ArgumentParser) -> Flags:
 def _add_http(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=_zero_is_none, default=_env("http_port", str(DEFAULT_HTTP_PORT)),
                    help="OpenAI-compatible HTTP on the tokenizer's host (0: off)")
+
+
+def add_answer_flags(p: argparse.ArgumentParser) -> Flags:
+    """How the OpenAI chat answers are read: TokenizerConfig's parser fields (`serve` passes them on)."""
+    from llmrpc.services.tokenizer.reasoning import REASONING_PARSER_CHOICES
+    from llmrpc.services.tokenizer.tool_parsers import TOOL_PARSER_CHOICES
+
+    g = p.add_argument_group("answers", "how the OpenAI chat answers are read")
+    return [
+        g.add_argument("--tool-call-parser", default=_env("tool_call_parser", "auto"), choices=TOOL_PARSER_CHOICES,
+                       help="the tool-call format of the model's output (auto: from its chat template, hermes "
+                            "when it shows none)"),
+        g.add_argument("--reasoning-parser", default=_env("reasoning_parser", "none"),
+                       choices=REASONING_PARSER_CHOICES,
+                       help="split <think>...</think> off as reasoning_content (auto: qwen3 when the chat "
+                            "template mentions <think>)"),
+    ]
 
 
 def _add_security(p: argparse.ArgumentParser, public: bool, internal_links: bool = True) -> None:
@@ -273,7 +294,7 @@ def tokenizer_config(args: argparse.Namespace, **where: Any) -> TokenizerConfig:
     from llmrpc.services.tokenizer.server import TokenizerConfig
 
     return TokenizerConfig(http_port=args.http_port, max_receive_bytes=args.max_receive_bytes,
-                           security=_security(args), **where)
+                           security=_security(args), **_values(args, add_answer_flags), **where)
 
 
 def _worker_command_config(args: argparse.Namespace) -> WorkerConfig:
@@ -512,6 +533,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                    help="N replicas (each --tp ranks and a scheduler; on CUDA replica r's rank k on GPU r * tp + k) "
                         "behind the SMG gateway (`smg launch --policy cache_aware`, pip install smg), whose "
                         "OpenAI HTTP is on --host/--http-port; 1: no gateway, llmrpc's own front")
+    add_answer_flags(p)
     _add_security(p, public=True, internal_links=False)  # the public port; internal links are local sockets
     p.set_defaults(func=cmd_serve)
 
@@ -540,6 +562,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=_env("port", DEFAULT_TOKENIZER_PORT))
     _add_http(p)
+    add_answer_flags(p)
     p.set_defaults(func=cmd_tokenizer)
 
     for name, func, help_ in (("generate", cmd_generate, "stream a completion to the terminal"),

@@ -12,7 +12,8 @@ checks and the same n > 1 siblings and per-index seeds), the `Scheduler` core, a
 StepPipeline's overlap loop (services/scheduler/pipeline.py) over `ModelRunner.launch`, so
 the tokens are the three-process stack's and a bench times the stack's loop without the
 network. Prompts are token ids, or text encoded with the model's tokenizer (text in, text
-out). The prefix cache lives as long as the LLM. Benches override `launch` to time each step.
+out). A constrained request's grammar is compiled before anything runs (a bad one raises
+FieldError naming `sampling.constraint.<kind>`), as the scheduler service has the worker do. The prefix cache lives as long as the LLM. Benches override `launch` to time each step.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from llmrpc.engine.config import EngineConfig
+from llmrpc.engine.constraint import ConstraintError
 from llmrpc.engine.runner import ModelRunner
 from llmrpc.engine.step import Step
 from llmrpc.services.messages import to_message
+from llmrpc.services.protocol import constraint_error
 from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.pipeline import PendingStep, StepPipeline
 from llmrpc.services.scheduler.request import AdmissionError, Request, TokenLogprobs
@@ -84,17 +87,12 @@ class LLM:
             max_prefill_tokens=max_prefill_tokens, schedule_policy=schedule_policy,
             check_invariants=check_invariants, overlap=overlap_depth > 0, prefix_cache=not disable_radix_cache))
         self.pipeline = StepPipeline(self.scheduler, self.launch, overlap_depth)
-        self._tokenizer: Any = None
         self._next_id = 0
 
     @property
     def tokenizer(self) -> Any:
-        """The model's Hugging Face tokenizer, loaded on first use (text prompts)."""
-        if self._tokenizer is None:
-            from llmrpc.services.tokenizer.template import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.runner.config.model_path)
-        return self._tokenizer
+        """The model's Hugging Face tokenizer, loaded on first use (text prompts); the runner's (constraints)."""
+        return self.runner.tokenizer
 
     def launch(self, step: Step) -> PendingStep:
         """Starts one step on the runner (what StepPipeline calls; benches override it to time steps)."""
@@ -153,6 +151,12 @@ class LLM:
             request = generation_pb2.GenerateRequest(tokens=generation_pb2.TokenIds(ids=ids), sampling=params)
             requests = build_requests(request, f"llm-{self._next_id}", self._info)
             self._next_id += 1
+            constraint = requests[0].sampling.constraint
+            if constraint is not None:  # compiled before anything runs, as the scheduler service does
+                try:
+                    self.runner.compile_constraint(constraint)
+                except ConstraintError as exc:
+                    raise constraint_error(exc) from None
             out = RequestOutput(ids, [CompletionOutput(i) for i in range(len(requests))], text)
             batch.append((out, requests))
         try:

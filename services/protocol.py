@@ -3,14 +3,18 @@
 Arrays travel as little-endian bytes (numpy frombuffer on the other side), so a
 decode step over B rows costs O(B) bytes and microseconds to encode. An Admission
 is a SlotParams field for field (services/messages.py), so a new sampling fact
-needs a proto field of the same name and no code here.
+needs a proto field of the same name and no code here. A constraint travels as a
+GrammarSpec (its kind and spec text), and the worker's refusal of one names the
+request's field (`constraint_error`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from llmrpc.engine.constraint import Constraint, ConstraintError
 from llmrpc.engine.step import SlotParams, Step, StepOutput
 from llmrpc.services.messages import from_message, to_message
+from llmrpc.services.status import FieldError
 from llmrpc.v1 import worker_pb2
 
 _I32 = np.dtype("<i4")
@@ -25,13 +29,31 @@ def _unpack(data: bytes, dtype: np.dtype = _I32) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype)
 
 
+def encode_grammar(c: Constraint) -> worker_pb2.GrammarSpec:
+    return to_message(c, worker_pb2.GrammarSpec)
+
+
+def decode_grammar(msg: worker_pb2.GrammarSpec) -> Constraint:
+    return from_message(Constraint, msg)
+
+
+def constraint_error(exc: ConstraintError) -> FieldError:
+    """The engine's refusal of a constraint as the request's field (`sampling.constraint.regex`)."""
+    field = f"sampling.{exc.field}"
+    return FieldError(field, f"{field}: {exc.message}")
+
+
 def encode_admission(p: SlotParams) -> worker_pb2.Admission:
-    # Every Admission field but the packed prompt is a SlotParams field of the same name.
-    return to_message(p, worker_pb2.Admission, prompt_tokens=_pack(np.asarray(p.prompt_tokens, dtype=_I32)))
+    # Every Admission field but the packed token lists and the grammar is a SlotParams field of the same name.
+    return to_message(p, worker_pb2.Admission, prompt_tokens=_pack(np.asarray(p.prompt_tokens, dtype=_I32)),
+                      output_tokens=_pack(np.asarray(p.output_tokens, dtype=_I32)),
+                      constraint=None if p.constraint is None else encode_grammar(p.constraint))
 
 
 def decode_admission(msg: worker_pb2.Admission) -> SlotParams:
-    return from_message(SlotParams, msg, prompt_tokens=tuple(_unpack(msg.prompt_tokens).tolist()))
+    return from_message(SlotParams, msg, prompt_tokens=tuple(_unpack(msg.prompt_tokens).tolist()),
+                        output_tokens=tuple(_unpack(msg.output_tokens).tolist()),
+                        constraint=decode_grammar(msg.constraint) if msg.HasField("constraint") else None)
 
 
 def encode_step(step: Step) -> worker_pb2.StepCommand:

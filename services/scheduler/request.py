@@ -117,6 +117,9 @@ class Request:
 
     def slot_params(self, slot: int) -> SlotParams:
         # The original prompt, so the worker can tell prompt from output even after a
-        # retraction re-prefills prompt + outputs so far.
-        prompt = self.prompt if self.sampling.uses_penalties else ()
-        return SlotParams.of(self.sampling, slot, prompt)
+        # retraction re-prefills prompt + outputs so far; and those outputs, which a grammar
+        # matcher (or a penalty's counts) must see again.
+        penalized = self.sampling.uses_penalties
+        prompt = self.prompt if penalized else ()
+        outputs = tuple(self.output_ids) if penalized or self.sampling.constraint is not None else ()
+        return SlotParams.of(self.sampling, slot, prompt, outputs)

@@ -1,6 +1,7 @@
 """The scheduler service: token-level Generation API in front of the scheduling core.
 
-The servicer is thin: it validates requests, hands them to the core
+The servicer is thin: it validates requests (a constrained one also has rank 0
+compile its grammar, CompileConstraint, before it is queued), hands them to the core
 (`Scheduler`), and fans each step the core builds out to every worker rank over
 one long-lived Steps stream per rank. With overlap on, up to `overlap_depth`
 steps are sent ahead of the oldest step whose tokens are not read yet, so the worker
@@ -17,12 +18,13 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
+from llmrpc.engine.constraint import Constraint
 from llmrpc.engine.step import Step, StepOutput
 from llmrpc.services import rpc
 from llmrpc.services.auth import Security
 from llmrpc.services.contract import FINISH_REASONS
 from llmrpc.services.messages import to_message
-from llmrpc.services.protocol import decode_output, encode_step
+from llmrpc.services.protocol import decode_output, encode_grammar, encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.exposition import scrape_handler
 from llmrpc.services.scheduler.pipeline import AsyncStepPipeline, StepOrderError
@@ -34,6 +36,9 @@ from llmrpc.services.status import StatusError
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmrpc.scheduler")
+
+# A grammar's first compile loads the worker's tokenizer (seconds); a big JSON schema compiles in about a second.
+COMPILE_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class SchedulerServiceConfig:
@@ -120,6 +125,13 @@ class WorkerGroup:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             raise WorkerLost(str(exc)) from exc
 
+    async def compile(self, constraint: Constraint) -> None:
+        """Rank 0 compiles `constraint` (only rank 0 masks: its draw is every rank's); StatusError when it refuses."""
+        try:
+            await self._stubs[0].CompileConstraint(encode_grammar(constraint), timeout=COMPILE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise StatusError.of(exc).relayed(f"worker {self._targets[0]}") from None
+
     async def receive(self) -> worker_pb2.StepResult:
         result = await self._results.get()
         if isinstance(result, WorkerLost):
@@ -136,6 +148,39 @@ class WorkerGroup:
             await channel.close()
 
 
+def _merged(events: list[TokenEvent]) -> TokenEvent:
+    """One completion's events as one (stream=False): every token, the last event's finish and usage."""
+    last = events[-1]
+    logprobs = None if last.logprobs is None else [row for e in events for row in (e.logprobs or ())]
+    return last._replace(token_ids=[t for e in events for t in e.token_ids], logprobs=logprobs)
+
+
+class _Listener:
+    """Where the step loop leaves one Generate call's token events.
+
+    A streaming call is woken once per step that has events for it (not once per event); a
+    stream=False call only when one of its completions finishes, so an offline batch of B
+    requests costs the loop no B coroutine wake-ups and responses per step.
+    """
+
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+        self._events: list[TokenEvent] = []
+        self._ready = asyncio.Event()
+
+    def put(self, event: TokenEvent) -> None:
+        self._events.append(event)
+        if self.stream or event.finish_reason is not None:
+            self._ready.set()
+
+    async def take(self) -> list[TokenEvent]:
+        """Every event since the last take, oldest first (waits for at least one wake-up)."""
+        await self._ready.wait()
+        self._ready.clear()
+        events, self._events = self._events, []
+        return events
+
+
 class SchedulerService(generation_pb2_grpc.GenerationServicer):
     """Generation at token level, plus the step loop that drives the workers."""
 
@@ -143,7 +188,8 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         self._config = config
         self._core: Scheduler | None = None
         self._info: worker_pb2.WorkerInfo | None = None
-        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._group: WorkerGroup | None = None
+        self._streams: dict[str, _Listener] = {}  # by request id (each of a call's n completions)
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._server: rpc.Server | None = None
@@ -154,42 +200,36 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         try:
-            requests = self._admit(request, request_id)
+            requests = await self._admit(request, request_id)
         except StatusError as exc:
             await exc.abort(context)
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        stream = not request.HasField("stream") or request.stream
+        listener = _Listener(stream)
         index_of = {req.request_id: i for i, req in enumerate(requests)}
         for req in requests:
-            self._streams[req.request_id] = queue
+            self._streams[req.request_id] = listener
         self._wake.set()
-        stream = not request.HasField("stream") or request.stream
         open_ids = set(index_of)
         started: set[int] = set()
-        collected: dict[int, generation_pb2.GenerateResponse] = {}
+        collected: dict[int, list[TokenEvent]] = {}  # stream=False: each index's events, answered at the end
         try:
             while open_ids:
-                event: TokenEvent = await queue.get()
-                index = index_of[event.request_id]
-                if event.finish_reason == "error":
-                    await StatusError(grpc.StatusCode.UNAVAILABLE, "worker lost: the request was dropped",
-                                      reason="WORKER_LOST").abort(context)
-                # Usage goes on each index's first message too: a front door that ends the
-                # request early (a stop string) still knows its prompt and cached tokens.
-                response = self._response(request_id, index, event, with_usage=index not in started)
-                started.add(index)
-                if event.finish_reason is not None:
-                    open_ids.discard(event.request_id)
-                if stream:
-                    yield response
-                else:
-                    merged = collected.setdefault(index, generation_pb2.GenerateResponse(request_id=request_id, index=index))
-                    merged.token_ids.extend(response.token_ids)
-                    merged.logprobs.extend(response.logprobs)
-                    merged.finish_reason = response.finish_reason
-                    if response.HasField("usage"):
-                        merged.usage.CopyFrom(response.usage)
+                for event in await listener.take():
+                    if event.finish_reason == "error":
+                        await StatusError(grpc.StatusCode.UNAVAILABLE, "worker lost: the request was dropped",
+                                          reason="WORKER_LOST").abort(context)
+                    if event.finish_reason is not None:
+                        open_ids.discard(event.request_id)
+                    index = index_of[event.request_id]
+                    if stream:
+                        # Usage goes on each index's first message too: a front door that ends the
+                        # request early (a stop string) still knows its prompt and cached tokens.
+                        yield self._response(request_id, index, event, with_usage=index not in started)
+                        started.add(index)
+                    else:
+                        collected.setdefault(index, []).append(event)
             for index in sorted(collected):
-                yield collected[index]
+                yield self._response(request_id, index, _merged(collected[index]))
         finally:
             for rid in index_of:
                 self._streams.pop(rid, None)
@@ -197,12 +237,25 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                     self._core.abort(rid)  # cancelled or failed: free its KV pages now
             self._wake.set()
 
-    def _admit(self, request: generation_pb2.GenerateRequest, request_id: str) -> list[Request]:
-        """Checks the request and adds its completions to the core; StatusError when it cannot be served."""
-        core = self._core
-        if not self._ready.is_set() or core is None or self._info is None:
+    def _connected(self) -> tuple[Scheduler, worker_pb2.WorkerInfo, WorkerGroup]:
+        core, info, group = self._core, self._info, self._group
+        if not self._ready.is_set() or core is None or info is None or group is None:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "scheduler has no worker connected", reason="NO_WORKER")
-        requests = build_requests(request, request_id, self._info, self._config.max_prompt_tokens)
+        return core, info, group
+
+    async def _admit(self, request: generation_pb2.GenerateRequest, request_id: str) -> list[Request]:
+        """Checks the request and adds its completions to the core; StatusError when it cannot be served.
+
+        A constrained request is not admitted until rank 0 has compiled its grammar (once per distinct
+        grammar; the worker caches it), so a grammar xgrammar refuses is INVALID_ARGUMENT here and the
+        step thread never compiles.
+        """
+        core, info, group = self._connected()
+        requests = build_requests(request, request_id, info, self._config.max_prompt_tokens)
+        constraint = requests[0].sampling.constraint  # the same for every completion
+        if constraint is not None:
+            await group.compile(constraint)
+            core, info, group = self._connected()  # the workers may have been lost meanwhile
         if any(req.request_id in self._streams for req in requests):
             raise StatusError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use",
                               reason="REQUEST_ID_IN_USE")
@@ -302,6 +355,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 await group.close()
                 await asyncio.sleep(self._config.reconnect_interval_s)
                 continue
+            self._group = group
             core = self._start_core(group.infos)
             await self._set_serving(True)
             try:
@@ -310,6 +364,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 log.error("worker lost: %s; failing %d requests in flight", exc, len(self._streams))
             finally:
                 self._ready.clear()
+                self._group = None
                 await self._set_serving(False)
                 self._dispatch(core.fail_all())
                 await group.close()
@@ -356,9 +411,9 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:
-            queue = self._streams.get(event.request_id)
-            if queue is not None:
-                queue.put_nowait(event)
+            listener = self._streams.get(event.request_id)
+            if listener is not None:
+                listener.put(event)
 
     async def _set_serving(self, serving: bool) -> None:
         if self._server is not None:

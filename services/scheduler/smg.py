@@ -13,7 +13,8 @@ The servicer is thin. Generate turns SMG's request into llmrpc's token-level Gen
 runs it through SchedulerService.Generate, so one validator and one request path serve both
 contracts; the errors of that path name this contract's fields (`sampling_params.max_new_tokens`,
 not `sampling.max_tokens`). A field llmrpc cannot honour is INVALID_ARGUMENT naming it, never
-ignored. HealthCheck is a real one-token generation, as SGLang's is. Left UNIMPLEMENTED (SMG copes
+ignored. The grammar fields (regex, json_schema, ebnf_grammar) are llmrpc's constraint;
+structural_tag is refused. HealthCheck is a real one-token generation, as SGLang's is. Left UNIMPLEMENTED (SMG copes
 with each): Embed, profiling, LoRA, GetTokenizer (SMG loads the tokenizer from --model-path) and
 SubscribeKvEvents (SMG's cache-aware policy then keeps its own prefix tree of what it routed).
 """
@@ -84,9 +85,9 @@ def _check_unsupported(request: sg.GenerateRequest) -> None:
         ("sampling_params.stream_interval", s.HasField("stream_interval") and s.stream_interval != 1,
          f"every token is streamed as it is sampled (1), got {s.stream_interval}"),
     ]
-    constraint = s.WhichOneof("constraint")
-    if constraint is not None:
-        _refused(f"sampling_params.{constraint}", "constrained decoding is not supported")
+    if s.WhichOneof("constraint") == "structural_tag":
+        _refused("sampling_params.structural_tag", "structural tags are not supported; "
+                                                   "send regex, json_schema or ebnf_grammar")
     for field, bad, why in checks:
         if bad:
             _refused(field, why)
@@ -128,13 +129,22 @@ def generation_request(request: sg.GenerateRequest) -> generation_pb2.GenerateRe
         sampling.max_tokens = _int32("sampling_params.max_new_tokens", s.max_new_tokens)
     if request.return_logprob:
         sampling.logprobs = request.top_logprobs_num
+    kind = s.WhichOneof("constraint")
+    if kind is not None:  # this contract's grammar fields are ours under other names
+        sampling.constraint.CopyFrom(generation_pb2.Constraint(**{_CONSTRAINT_KINDS[kind]: getattr(s, kind)}))
     return generation_pb2.GenerateRequest(request_id=request.request_id, tokens=generation_pb2.TokenIds(ids=ids),
                                           sampling=sampling, stream=request.stream)
 
 
+# SGLang's constraint oneof -> llmrpc's (structural_tag is refused above).
+_CONSTRAINT_KINDS = {"regex": "regex", "json_schema": "json_schema", "ebnf_grammar": "ebnf"}
+
 # ---- llmrpc's field names -> this contract's, in errors of the shared request path ----------
 
 _RENAMED = {
+    # The grammar's own field; the oneof's name where no one kind is at fault (a model without a tokenizer).
+    **{f"sampling.constraint.{ours}": f"sampling_params.{theirs}" for theirs, ours in _CONSTRAINT_KINDS.items()},
+    "sampling.constraint": "sampling_params.constraint",
     "input": "tokenized",
     "tokens.ids": "tokenized.input_ids",
     "max_tokens": "sampling_params.max_new_tokens",  # the core's AdmissionError names it bare
@@ -142,7 +152,7 @@ _RENAMED = {
     "sampling.min_tokens": "sampling_params.min_new_tokens",
     "sampling.logprobs": "top_logprobs_num",
 }
-_LLMRPC_FIELD = re.compile(r"\b(?:sampling\.\w+|tokens\.ids|max_tokens)\b|^input\b")
+_LLMRPC_FIELD = re.compile(r"\b(?:sampling\.\w+(?:\.\w+)*|tokens\.ids|max_tokens)\b|^input\b")
 
 
 def smg_field_names(text: str) -> str:

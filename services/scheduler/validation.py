@@ -5,10 +5,13 @@ its rule in RULES, and the typed facts are then read by field name (`Sampling` f
 `Limits` for the scheduler), unset fields taking the dataclasses' defaults. Ranges follow
 vLLM/OpenAI conventions. Limits that depend on the pool or the context (prompt + max_tokens)
 are the core's to check (AdmissionError, turned into a FieldError by `admission_error`).
+A constraint is checked as far as it can be without the tokenizer (`parse_constraint`); the
+worker compiles it before the request is queued.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Callable
 
@@ -16,6 +19,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from llmrpc.services.contract import Limits, check_request_id
 from llmrpc.services.messages import from_message
+from llmrpc.engine.constraint import Constraint
 from llmrpc.engine.step import Sampling
 from llmrpc.services.scheduler.request import AdmissionError, Request
 from llmrpc.services.status import FieldError
@@ -63,7 +67,58 @@ def parse_sampling(s: generation_pb2.SamplingParams, vocab_size: int) -> tuple[S
     if limits.min_tokens > limits.max_tokens:
         raise FieldError("sampling.min_tokens",
                          f"sampling.min_tokens must be in [0, max_tokens], got {limits.min_tokens}")
-    return from_message(Sampling, s), limits
+    constraint = parse_constraint(s)
+    if constraint is not None:
+        # A constrained output ends with EOS once its grammar is complete: nothing may follow it.
+        if limits.ignore_eos:
+            raise FieldError("sampling.ignore_eos", "sampling.ignore_eos cannot be set with sampling.constraint: "
+                                                    "a constrained output ends with EOS when its grammar is complete")
+        if limits.min_tokens:
+            raise FieldError("sampling.min_tokens", "sampling.min_tokens cannot be set with sampling.constraint: "
+                                                    "a constrained output ends when its grammar is complete")
+    return from_message(Sampling, s, constraint=constraint), limits
+
+
+def parse_constraint(s: generation_pb2.SamplingParams) -> Constraint | None:
+    """The request's grammar, normalized (a schema's JSON re-serialized, a choice as EBNF); None when unset.
+
+    Only what needs no tokenizer is checked here; the worker compiles the grammar (CompileConstraint)
+    before the request is queued and refuses what xgrammar cannot compile, naming the same fields.
+    """
+    if not s.HasField("constraint"):
+        return None
+    c = s.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise FieldError("sampling.constraint", "sampling.constraint: set one of json_schema, json_object, regex, "
+                                                "choice or ebnf (or leave sampling.constraint unset)")
+    name = f"sampling.constraint.{kind}"
+    if kind == "json_object":
+        if not c.json_object:
+            raise FieldError(name, f"{name} must be true (leave sampling.constraint unset for free text)")
+        return Constraint(kind)
+    if kind == "choice":
+        values = list(c.choice.values)
+        if not values:
+            raise FieldError("sampling.constraint.choice.values", "sampling.constraint.choice.values is empty")
+        for i, value in enumerate(values):
+            if not value:
+                field = f"sampling.constraint.choice.values[{i}]"
+                raise FieldError(field, f"{field} is empty")
+        return Constraint.choice(values)
+    text = getattr(c, kind)
+    if not text.strip():
+        raise FieldError(name, f"{name} is empty")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise FieldError(name, f"{name} is not valid JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise FieldError(name, f"{name} must be a JSON object (a JSON Schema), got {type(schema).__name__}")
+        # One spelling per schema, so the worker's cache compiles it once (key order kept: it orders the output).
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    return Constraint(kind, text)
 
 
 def build_requests(request: generation_pb2.GenerateRequest, request_id: str,

@@ -5,6 +5,11 @@ Routes: POST /v1/completions and /v1/chat/completions (JSON, or SSE with
 through the same `TokenizerServicer.generate` as gRPC, on the same asyncio loop,
 so text, stop strings and errors are identical on both doors.
 
+Chat requests are rendered here with the model's chat template (template.py: tools and
+template variables have no place in the gRPC Chat message) and go on as token ids; their
+answers are read back into reasoning, content and tool calls as the server's
+--reasoning-parser and --tool-call-parser say (openai_api.ChoiceOutput).
+
 A client that disconnects aborts its request: handler cancellation is on, so the
 handler task is cancelled, the generator closes, and its `finally` cancels the
 scheduler call, which frees the KV pages at once.
@@ -30,8 +35,12 @@ from aiohttp import web
 from llmrpc.services.auth import Security, bearer_ok
 from llmrpc.services.contract import SCRAPE_METHOD
 from llmrpc.services.status import StatusError
-from llmrpc.services.tokenizer.openai_api import Answer, ApiError, models_json, parse_body
+from llmrpc.services.tokenizer.openai_api import Answer, ApiError, ChoiceOutput, ParsedRequest, choice_outputs
+from llmrpc.services.tokenizer.openai_api import models_json, parse_body
+from llmrpc.services.tokenizer.reasoning import ReasoningParser, reasoning_parser
 from llmrpc.services.tokenizer.server import TokenizerServer
+from llmrpc.services.tokenizer.template import PromptBuilder
+from llmrpc.services.tokenizer.tool_parsers import ToolParser, parser_for
 
 log = logging.getLogger("llmrpc.tokenizer.http")
 
@@ -108,19 +117,40 @@ class OpenAIRoutes:
                 raise ApiError(400, "the request body is not valid JSON") from None
             parsed = parse_body(body, chat)
             model = await self._served_model(parsed.model)
+            outputs = self._render(parsed)
+        except StatusError as exc:
+            return _error(ApiError.from_error(exc, chat))
         except ApiError as exc:
             return _error(exc)
         tokenizer = self._servicer.prompts.tokenizer if self._servicer.prompts else None
-        answer = Answer(parsed, model, lambda t: tokenizer.decode([t]) if tokenizer else "")
+        answer = Answer(parsed, model, lambda t: tokenizer.decode([t]) if tokenizer else "", outputs)
         responses = self._servicer.generate(parsed.request)
         if not parsed.stream:
             try:
                 async with contextlib.aclosing(responses):
                     merged = [r async for r in responses]
             except StatusError as exc:
-                return _error(ApiError.from_error(exc, chat))
+                return _error(ApiError.from_error(exc, chat, parsed.constraint_param))
             return web.json_response(answer.complete(merged))
         return await self._stream(request, responses, answer)
+
+    def _render(self, parsed: ParsedRequest) -> Callable[[], ChoiceOutput] | None:
+        """A chat's prompt rendered into the request as token ids; how its answer is read (None: as text)."""
+        prompts = self._servicer.prompts
+        if parsed.prompt is None or prompts is None:  # still loading: generate says so
+            return None
+        chat = parsed.prompt
+        text = prompts.render_chat(chat.messages, tools=chat.tools, template_kwargs=chat.template_kwargs)
+        parsed.request.ClearField("chat")
+        parsed.request.tokens.ids.extend(prompts.encode_rendered(text))
+        tools, reasoning = self._readers(prompts)
+        return choice_outputs(parsed, text, tools, reasoning)
+
+    def _readers(self, prompts: PromptBuilder) -> tuple[ToolParser, ReasoningParser | None]:
+        """The server's tool-call parser (for tool_choice auto) and reasoning parser, read from the flags and
+        (for `auto`) the model's chat template."""
+        config, template = self._front.config, prompts.tokenizer.chat_template
+        return parser_for(config.tool_call_parser, template), reasoning_parser(config.reasoning_parser, template)
 
     async def _stream(self, request: web.Request, responses, answer: Answer) -> web.StreamResponse:
         """Server-sent events: one chunk per message, then usage if asked, then [DONE]."""
@@ -137,7 +167,7 @@ class OpenAIRoutes:
                         out = await self._open_stream(request)
                     await send(answer.chunk(r))
             except StatusError as exc:
-                error = ApiError.from_error(exc, answer.parsed.chat)
+                error = ApiError.from_error(exc, answer.parsed.chat, answer.parsed.constraint_param)
                 if out is None:
                     return _error(error)
                 await send(error.body())  # the status line is gone; OpenAI streams errors as a data event

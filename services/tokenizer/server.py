@@ -28,7 +28,9 @@ from llmrpc.services.messages import from_message
 from llmrpc.services.status import StatusError
 from llmrpc.services.tokenizer.completion import Completion
 from llmrpc.services.tokenizer.metrics import FrontMetrics
+from llmrpc.services.tokenizer.reasoning import REASONING_PARSER_CHOICES
 from llmrpc.services.tokenizer.template import InputError, Message, PromptBuilder, load_tokenizer
+from llmrpc.services.tokenizer.tool_parsers import TOOL_PARSER_CHOICES
 from llmrpc.v1 import generation_pb2, generation_pb2_grpc
 
 if TYPE_CHECKING:
@@ -51,6 +53,16 @@ class TokenizerConfig:
     max_receive_bytes: int = rpc.PUBLIC_MAX_RECEIVE_BYTES  # the largest request a client may send
     # TLS and the API key on the public port; with a CA, the link to the scheduler is mutual TLS.
     security: Security = Security()
+    # How the OpenAI chat answers are read: tool calls (tool_parsers.py), reasoning (reasoning.py).
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser not in TOOL_PARSER_CHOICES:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_PARSER_CHOICES}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser not in REASONING_PARSER_CHOICES:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSER_CHOICES}, "
+                             f"got {self.reasoning_parser!r}")
 
 
 class TokenizerServicer(generation_pb2_grpc.GenerationServicer):

@@ -8,12 +8,17 @@ thread only launches GPU work (`ModelRunner.launch`); a second thread waits for
 each step's tokens to reach the host, so step N+1 is launched while step N still
 runs on the GPU. With several tensor-parallel ranks a failed step means the ranks'
 process group is broken, so the process exits and its supervisor restarts the group.
+
+CompileConstraint compiles a request's grammar on a small thread pool of its own (never
+the step thread) into the runner's grammar cache, which the step's admission then reads.
+The first one loads the model's tokenizer; a model without one refuses every constraint.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
@@ -24,7 +29,8 @@ from llmrpc.engine.config import EngineConfig
 from llmrpc.services import rpc
 from llmrpc.services.auth import Security
 from llmrpc.services.messages import to_message
-from llmrpc.services.protocol import decode_step, encode_output
+from llmrpc.engine.constraint import ConstraintError
+from llmrpc.services.protocol import constraint_error, decode_grammar, decode_step, encode_output
 from llmrpc.services.status import StatusError
 from llmrpc.v1 import worker_pb2, worker_pb2_grpc
 
@@ -53,6 +59,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         # Waiting for a step's tokens must not hold up the launch of the next one.
         self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result")
+        # Grammar compiles: off the step thread, two at a time (xgrammar uses threads of its own too).
+        self._compiles = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self._active_stream: asyncio.Event | None = None
 
     @property
@@ -89,6 +97,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
         runner = await self._loaded(context)
         return to_message(runner.info, worker_pb2.WorkerInfo)  # EngineInfo's fields of the same names
+
+    async def CompileConstraint(self, request, context) -> worker_pb2.CompileConstraintResult:
+        runner = await self._loaded(context)
+        try:
+            constraint = decode_grammar(request)  # ValueError: a kind this worker does not know
+            await asyncio.get_running_loop().run_in_executor(self._compiles, runner.compile_constraint, constraint)
+        except ValueError as exc:
+            if not isinstance(exc, ConstraintError):
+                exc = ConstraintError("constraint", str(exc))
+            await constraint_error(exc).abort(context)
+        return worker_pb2.CompileConstraintResult()
 
     async def Steps(self, request_iterator, context) -> AsyncIterator[worker_pb2.StepResult]:
         await self._loaded(context)
@@ -133,6 +152,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
     """Runs the worker until cancelled."""
+    if interval := os.environ.get("LLMRPC_SWITCH_INTERVAL_S"):
+        # The event loop, the compute thread and the result thread share the GIL; how long one waits for
+        # it is CPython's switch interval (5 ms by default, about a decode step). bench/gpu_run8.sh times both.
+        sys.setswitchinterval(float(interval))
     servicer = WorkerServicer(config)
     addresses = [f"{config.host}:{config.port}"]
     if config.unix_socket:

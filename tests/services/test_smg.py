@@ -126,8 +126,9 @@ async def _answer(stub: sg_grpc.SglangSchedulerStub, request: sg.GenerateRequest
 
 
 REFUSED = [
-    (dict(s_regex="[a-z]+"), "sampling_params.regex"),
-    (dict(s_json_schema="{}"), "sampling_params.json_schema"),
+    (dict(s_regex="[a-"), "sampling_params.regex"),  # a grammar xgrammar cannot compile
+    (dict(s_json_schema="{not json"), "sampling_params.json_schema"),
+    (dict(s_structural_tag="{}"), "sampling_params.structural_tag"),
     (dict(s_stop=["two words"]), "sampling_params.stop"),
     (dict(s_logit_bias={"5": 1.0}), "sampling_params.logit_bias"),
     (dict(s_stream_interval=4), "sampling_params.stream_interval"),

@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=llmrpc_dot_v1_dot_worker__pb2.StepCommand.SerializeToString,
                 response_deserializer=llmrpc_dot_v1_dot_worker__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.CompileConstraint = channel.unary_unary(
+                '/llmrpc.v1.Worker/CompileConstraint',
+                request_serializer=llmrpc_dot_v1_dot_worker__pb2.GrammarSpec.SerializeToString,
+                response_deserializer=llmrpc_dot_v1_dot_worker__pb2.CompileConstraintResult.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -62,6 +67,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompileConstraint(self, request, context):
+        """Compiles a request's grammar against the model's tokenizer and caches it, off the step
+        path; the scheduler calls it (on rank 0, the rank whose draw is everyone's) before the
+        request enters its queue. OK, or INVALID_ARGUMENT with a google.rpc.BadRequest naming
+        the request's field (sampling.constraint.json_schema, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +89,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Steps,
                     request_deserializer=llmrpc_dot_v1_dot_worker__pb2.StepCommand.FromString,
                     response_serializer=llmrpc_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
+            ),
+            'CompileConstraint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompileConstraint,
+                    request_deserializer=llmrpc_dot_v1_dot_worker__pb2.GrammarSpec.FromString,
+                    response_serializer=llmrpc_dot_v1_dot_worker__pb2.CompileConstraintResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +150,33 @@ class Worker:
             '/llmrpc.v1.Worker/Steps',
             llmrpc_dot_v1_dot_worker__pb2.StepCommand.SerializeToString,
             llmrpc_dot_v1_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompileConstraint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmrpc.v1.Worker/CompileConstraint',
+            llmrpc_dot_v1_dot_worker__pb2.GrammarSpec.SerializeToString,
+            llmrpc_dot_v1_dot_worker__pb2.CompileConstraintResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,7 @@ BUDGET=570
 step gpu_check 110 python3 -m llmrpc.bench.gpu_check --out "$OUT/gpu_check.json"
 grep -E "^(attention|greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED" "$L/gpu_check.log" | cut -c1-260
 step fp8_kv 200 python3 -m llmrpc.bench.fp8_kv --model $M --commit "$COMMIT" --out "$OUT/fp8-kv-qwen3-0.6b.json"
-step constrained 90 python3 -m llmrpc.bench.constrained --model $M --tokenizer .tok/smollm2 --device cuda \
+step constrained 90 python3 -m llmrpc.bench.constrained --model $M --tokenizer .tok/smollm2 --device cuda --load-format dummy \
   --out "$OUT/constrained-gpu.json"
 for interval in 0.005 0.0005; do
   step "offline_switch_$interval" 70 env LLMRPC_SWITCH_INTERVAL_S=$interval python3 -m llmrpc.bench.offline \

@@ -7,31 +7,55 @@ the machine code: 16-byte loads and stores, no local memory (spills), few enough
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
 from llmrpc.kernels import sampling, triton_fused  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def sm90(kernel, signature: dict[str, str], constexprs: dict[str, object], aligned: tuple[str, ...]):
-    """The cubin of `kernel` built for sm_90, the `aligned` args divisible by 16 as a launch would find them."""
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreter mode wraps it
-    names = list(signature)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32))
-    return compiled.asm["cubin"]
+_BUILD = """
+import json, sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from llmrpc.kernels import sampling, triton_fused
+
+kernels = {"qk_norm_rope": lambda: triton_fused._kernels()[1], "store_kv": lambda: triton_fused._kernels()[2],
+           "race": sampling._triton_kernel}
+name, signature, constexprs, aligned, out = json.loads(sys.argv[1])
+names = list(signature)
+attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+source = ASTSource(fn=kernels[name](), signature=signature, constexprs=constexprs, attrs=attrs)
+Path(out).write_bytes(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
+"""
+
+
+def sm90(kernel: str, signature: dict[str, str], constexprs: dict[str, object], aligned: tuple[str, ...],
+         tmp_path: Path) -> bytes:
+    """The cubin of `kernel` built for sm_90, the `aligned` args divisible by 16 as a launch would find them.
+
+    Built in a fresh interpreter without TRITON_INTERPRET: under the interpreter (tests/kernels/conftest.py)
+    triton.language's own jit functions (tl.sum, ...) are interpreted ones, which the compiler cannot lower.
+    """
+    out = tmp_path / f"{kernel}.cubin"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _BUILD, json.dumps([kernel, signature, constexprs, aligned, str(out)])],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out.read_bytes()
 
 
 def _inspect(cubin: bytes, tmp_path: Path) -> tuple[str, dict[str, int]]:
@@ -48,15 +72,15 @@ pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton whee
 
 @pytest.mark.parametrize("norm", [True, False])
 def test_qk_norm_rope_moves_16_bytes_per_access_without_spills(norm: bool, tmp_path: Path) -> None:
-    _triton, kernel, _store = triton_fused._kernels()
     signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "q_row_stride": "i32", "k_row_stride": "i32",
                  "q_weight_ptr": "*bf16", "k_weight_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
                  "cos_sin_stride": "i32", "num_tokens": "i32", "eps": "fp32", "NUM_Q_HEADS": "constexpr",
                  "HEAD_DIM": "constexpr", "NORM": "constexpr", "BLOCK_T": "constexpr"}
     aligned = ("q_ptr", "k_ptr", "q_row_stride", "k_row_stride", "q_weight_ptr", "k_weight_ptr", "positions_ptr",
                "cos_sin_ptr", "cos_sin_stride")
-    sass, usage = _inspect(sm90(kernel, signature, {"NUM_Q_HEADS": 16, "HEAD_DIM": 128, "NORM": norm,
-                                                    "BLOCK_T": triton_fused.NORM_ROPE_BLOCK_T}, aligned), tmp_path)
+    sass, usage = _inspect(sm90("qk_norm_rope", signature, {"NUM_Q_HEADS": 16, "HEAD_DIM": 128, "NORM": norm,
+                                                            "BLOCK_T": triton_fused.NORM_ROPE_BLOCK_T}, aligned,
+                                tmp_path), tmp_path)
     # q/k halves and cos/sin, then the two halves back: every access of a tile row 16 bytes wide.
     assert "LDG.E.128" in sass and "STG.E.128" in sass
     assert "STG.E.U16" not in sass and "LDG.E.U16" not in sass
@@ -64,13 +88,14 @@ def test_qk_norm_rope_moves_16_bytes_per_access_without_spills(norm: bool, tmp_p
 
 
 def test_store_kv_moves_16_bytes_per_access_without_spills(tmp_path: Path) -> None:
-    _triton, _qk, kernel = triton_fused._kernels()
     signature = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_row_stride": "i32", "v_row_stride": "i32",
                  "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "loc_ptr": "*i64", "num_tokens": "i32",
-                 "ROW": "constexpr", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"}
+                 "ROW": "constexpr", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr", "SATURATE": "constexpr",
+                 "LIMIT": "constexpr"}
     aligned = ("k_ptr", "v_ptr", "k_row_stride", "v_row_stride", "k_cache_ptr", "v_cache_ptr", "loc_ptr")
-    sass, usage = _inspect(sm90(kernel, signature, {"ROW": 1024, "BLOCK_T": triton_fused.STORE_BLOCK_T,
-                                                    "BLOCK_C": 1024}, aligned), tmp_path)
+    sass, usage = _inspect(sm90("store_kv", signature, {"ROW": 1024, "BLOCK_T": triton_fused.STORE_BLOCK_T,
+                                                        "BLOCK_C": 1024, "SATURATE": False, "LIMIT": 0.0}, aligned,
+                                tmp_path), tmp_path)
     assert "LDG.E.128" in sass and "STG.E.128" in sass and "STG.E.U16" not in sass
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and usage["REG"] <= 128
 
@@ -80,7 +105,7 @@ def test_race_kernel_builds_without_spills(tmp_path: Path) -> None:
                  "key_hi_ptr": "*i64", "best_ptr": "*fp32", "best_id_ptr": "*i32", "vocab": "i32",
                  "num_segments": "i32", "SEGMENT": "constexpr", "BLOCK": "constexpr"}
     aligned = ("logits_ptr", "stride", "inv_t_ptr", "key_lo_ptr", "key_hi_ptr", "best_ptr", "best_id_ptr", "vocab")
-    sass, usage = _inspect(sm90(sampling._triton_kernel(), signature, {"SEGMENT": sampling._SEGMENT,
-                                                                        "BLOCK": sampling._BLOCK}, aligned), tmp_path)
+    sass, usage = _inspect(sm90("race", signature, {"SEGMENT": sampling._SEGMENT, "BLOCK": sampling._BLOCK},
+                                aligned, tmp_path), tmp_path)
     assert "LDG.E.128" in sass  # the logits stream in 16-byte loads
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0

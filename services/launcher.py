@@ -77,6 +77,7 @@ class ServiceProcess:
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = field(default=0.0)
+    _terminated: subprocess.Popen | None = field(default=None, repr=False)  # the process SIGTERM went to
 
     def start(self) -> ServiceProcess:
         env = {**os.environ, **self.env} if self.env else None
@@ -118,13 +119,18 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait()
 
+    def terminate(self) -> None:
+        """SIGTERM, once, if it runs (not SIGINT: a parent started in the background may pass SIGINT down ignored)."""
+        if self.process is not None and self.process.poll() is None and self._terminated is not self.process:
+            self._terminated = self.process
+            self.process.terminate()
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout` s; in its own process group, what is left of the group too."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            # SIGTERM, not SIGINT: a parent started in the background may pass SIGINT down ignored.
-            self.process.terminate()
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -351,6 +357,10 @@ class Launcher:
         return self
 
     def stop(self) -> None:
+        """Every child told to stop at once (front door first), then each waited for: one slow child's 5 s
+        before SIGKILL is not added to the next one's."""
+        for child in reversed(self.children):
+            child.terminate()
         for child in reversed(self.children):
             child.stop(timeout=5.0)
 

@@ -6,10 +6,14 @@ stop them all at teardown, whatever happened.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from llmrpc.services.local_stack import LocalStack
+
+if TYPE_CHECKING:
+    from llmrpc.services.llm import LLM
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +28,15 @@ def default_model_dir() -> Path:
 def start_stack(tmp: Path, model: Path | str, *extra: str, tp: int = 1, timeout: float = 300.0) -> LocalStack:
     """`llmrpc serve` on the CPU with the KV invariants checked after every step (LocalStack.start)."""
     return LocalStack.start(tmp, model, "--check-kv-invariants", *extra, tp=tp, timeout=timeout)
+
+
+def assert_pages_all_back(llm: LLM) -> None:
+    """An idle in-process LLM: invariants hold, nothing runs, waits or is in flight, every page is free or cached."""
+    core = llm.scheduler
+    core.check_invariants()
+    assert core.num_running == core.num_waiting == core.num_in_flight == llm.pipeline.num_in_flight == 0
+    assert not core.requests
+    assert core.num_free_pages + core.num_cached_pages == core.config.num_pages
 
 
 @pytest.fixture(scope="session")

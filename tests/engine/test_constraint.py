@@ -25,6 +25,7 @@ from llmrpc.services.protocol import decode_step, encode_step
 from llmrpc.services.status import FieldError
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import worker_pb2
+from tests.conftest import assert_pages_all_back
 
 NAME = {"type": "string", "pattern": "^[A-Z][a-z]{1,9}$"}
 SCHEMAS = [
@@ -75,14 +76,6 @@ def chat(llm: LLM, text: str) -> list[int]:
 
 def text_of(llm: LLM, completion) -> str:
     return llm.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-
-
-def assert_pages_all_back(llm: LLM) -> None:
-    core = llm.scheduler
-    core.check_invariants()
-    assert core.num_running == core.num_waiting == core.num_in_flight == llm.pipeline.num_in_flight == 0
-    assert not core.requests
-    assert core.num_free_pages + core.num_cached_pages == core.config.num_pages
 
 
 def json_sampling(schema: dict, **fields) -> pb.SamplingParams:

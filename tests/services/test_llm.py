@@ -19,6 +19,7 @@ from llmrpc.services.rpc import channel
 from llmrpc.services.status import FieldError
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
+from tests.conftest import assert_pages_all_back
 
 NEW_TOKENS = 16
 GREEDY = pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -69,14 +70,6 @@ def hf_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
 
 def tokens(outputs) -> list[list[list[int]]]:
     return [[c.token_ids for c in out.outputs] for out in outputs]
-
-
-def assert_pages_all_back(llm: LLM) -> None:
-    core = llm.scheduler
-    core.check_invariants()
-    assert core.num_running == core.num_waiting == core.num_in_flight == llm.pipeline.num_in_flight == 0
-    assert not core.requests
-    assert core.num_free_pages + core.num_cached_pages == core.config.num_pages
 
 
 def test_greedy_tokens_are_the_stacks_and_transformers(llm: LLM, prompts, tiny_stack, tiny_model: Path) -> None:

@@ -6,7 +6,8 @@ holds token ids instead of keys and values, so any page-accounting mistake by
 the scheduler (a page reused while still referenced, a wrong or missing page id,
 a cached prefix that is not what it claims) changes or breaks the output. With
 `verify` on, every row is also checked against what the slot was fed since its
-admission. Used by the scheduler tests and bench/scheduler_overhead.py, which drive it
+admission. A multi-step decode (`Step.decode_steps` = k) runs as k passes, each feeding
+the token the one before sampled, with the pages for all k sent in the first. Used by the scheduler tests and bench/scheduler_overhead.py, which drive it
 through services/scheduler/pipeline.py's StepPipeline (`launch`).
 """
 from __future__ import annotations
@@ -86,12 +87,21 @@ class FakeWorker:
         self.last_token = [-1] * max_slots  # the device-side buffer decode rows feed from
         self.fed: list[list[int] | None] = [None] * max_slots  # verify: the slot's tokens since admission
         self.steps = 0
+        self.passes = 0  # forward passes: steps plus the extra passes of multi-step decodes
 
     def launch(self, step: Step) -> Executed:
         """execute(), in the form StepPipeline launches a step."""
         return Executed(StepOutput(step.step_id, self.execute(step)))
 
     def execute(self, step: Step) -> np.ndarray:
+        k = step.decode_steps
+        assert k == 1 or step.num_prefill == 0, f"step {step.step_id}: {k} decode passes with prefill rows"
+        out = np.concatenate([self._execute(step.decode_pass(i), passes_left=k - i) for i in range(k)])
+        self.steps += 1
+        return out
+
+    def _execute(self, step: Step, passes_left: int) -> np.ndarray:
+        """One pass; a decode row's pages must cover its positions in this pass and the passes left."""
         ps = self.page_size
         for params in step.admissions:  # an admission resets its slot
             self.tables[params.slot] = []
@@ -122,8 +132,9 @@ class FakeWorker:
                 token_at += n
                 sample = sample_chunks[row - step.num_decode]
             end = start + len(new)
-            assert len(table) == -(-end // ps), (
-                f"step {step.step_id}: slot {slot} has {len(table)} pages for {end} positions")
+            reach = end + (passes_left - 1 if row < step.num_decode else 0)
+            assert len(table) == -(-reach // ps), (
+                f"step {step.step_id}: slot {slot} has {len(table)} pages for {reach} positions")
             pages = np.asarray(table, dtype=np.int64)
             if self.verify:
                 seen = self.fed[slot]
@@ -146,5 +157,5 @@ class FakeWorker:
                 token = self.model(history)
                 self.last_token[slot] = token
                 out.append(token)
-        self.steps += 1
+        self.passes += 1
         return np.asarray(out, dtype=np.int32)

@@ -7,7 +7,7 @@
 
 stack   the scheduler's token-level Generate over gRPC, with `llmrpc worker` and `llmrpc
         scheduler` running as processes (bench/offline.py's Stack), once per value of
-        --overlap-depths (the scheduler is restarted against the same worker)
+        --overlap-depths and --decode-steps-list (the scheduler is restarted against the same worker)
 engine  the same two measurements with services/llm.py's LLM: the scheduler core and ModelRunner
         in this process on the stack's step loop (no gRPC, no processes): what the stack adds is
         the difference
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmrpc.bench.offline import Stack, _row, add_engine_args, engine_llm
+from llmrpc.bench.offline import Stack, _row, add_engine_args, engine_llm, scheduler_variants
 
 DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 128, 512, 2048
 
@@ -136,12 +136,15 @@ async def measure_worker(target: str, num_pages: int, repeats: int) -> dict:
     return summary
 
 
-def measure_engine(args: argparse.Namespace) -> dict:
+def measure_engine(args: argparse.Namespace, runner=None, decode_steps: int = 1) -> dict:
     """The same requests through services/llm.py's LLM: the core and ModelRunner in this process (one step
-    in flight), each token timed as the step loop hands it out."""
+    in flight), each token timed as the step loop hands it out. `runner`: one loaded before, reused."""
+    from llmrpc.services.llm import LLM
     from llmrpc.v1.generation_pb2 import SamplingParams
 
-    llm = engine_llm(args)
+    llm = (engine_llm(args, decode_steps=decode_steps) if runner is None else
+           LLM(runner, max_prefill_tokens=args.max_prefill_tokens, disable_radix_cache=args.disable_radix_cache,
+               decode_steps=decode_steps))
 
     def one(prompt: list[int], max_tokens: int) -> list[float]:
         arrivals: list[float] = []
@@ -184,23 +187,23 @@ def main() -> None:
     rows: list[dict] = []
     table: list[tuple[str, dict]] = []
 
-    def record(name: str, system: str, m: dict, depth: int) -> None:
-        rows.extend(_rows(args, system, m, overlap_depth=depth))
+    def record(name: str, system: str, m: dict, depth: int, passes: int = 1) -> None:
+        rows.extend(_rows(args, system, m, overlap_depth=depth, decode_steps=passes))
         table.append((name, m))
         if args.out:  # after every measurement: a run cut short keeps what it measured
             Path(args.out).write_text(json.dumps(rows, indent=2))
 
     systems = args.systems.split(",")
     if "stack" in systems or "worker" in systems:
-        stack = Stack(args, overlap_depth=args.overlap_depths[0])
+        variants = scheduler_variants(args)
+        stack = Stack(args, *variants[0])
         try:
-            for depth in args.overlap_depths if "stack" in systems else ():
-                if depth != stack.overlap_depth:
-                    stack.restart_scheduler(depth)
-                m = asyncio.run(measure_stack(stack.target, args.repeats, f"o{depth}-"))
-                print(f"stack, overlap depth {depth}: {m['decode_tok_s']:.0f} tok/s, TTFT {m['ttft_ms']:.1f} ms",
-                      flush=True)
-                record(f"stack depth {depth}", "llmrpc-stack", m, depth)
+            for depth, passes in variants if "stack" in systems else ():
+                stack.use((depth, passes))
+                m = asyncio.run(measure_stack(stack.target, args.repeats, f"o{depth}.{passes}-"))
+                print(f"stack, overlap depth {depth}, {passes} decode steps: {m['decode_tok_s']:.0f} tok/s, "
+                      f"TTFT {m['ttft_ms']:.1f} ms", flush=True)
+                record(f"stack d{depth} k{passes}", "llmrpc-stack", m, depth, passes)
             if "worker" in systems:
                 num_pages = stack.num_pages
                 stack.launcher.child("scheduler").stop()  # the worker takes one step stream at a time
@@ -210,8 +213,10 @@ def main() -> None:
                 record("worker alone", "llmrpc-worker", m, 2)
         finally:
             stack.close()
-    if "engine" in systems:
-        record("engine", "llmrpc-engine", measure_engine(args), 1)
+    runner = None
+    for passes in args.decode_steps_list if "engine" in systems else ():
+        runner = runner or engine_llm(args).runner  # loaded once for every decode_steps value
+        record(f"engine k{passes}", "llmrpc-engine", measure_engine(args, runner, passes), 1, passes)
     print(f"\n{'system':<16}{'decode tok/s':>13}{'TTFT(2048) ms':>15}")
     for name, m in table:
         print(f"{name:<16}{m['decode_tok_s']:>13.0f}{m['ttft_ms']:>15.1f}")

@@ -64,7 +64,15 @@ class TimedLLM(LLM):
 
     def launch(self, step: Step) -> PendingOutput:
         # runner.launch() in its three phases, the events around the GPU work only: prepare is
-        # host work the GPU may wait for.
+        # host work the GPU may wait for. A multi-step decode's events hold its k passes, and the
+        # host work between them.
+        if step.decode_steps > 1:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pending = self.runner.launch(step)
+            end.record()
+            self.timeline.append((True, start, end))
+            return pending
         batch = self.runner.prepare(step)
         if batch is None:
             return PendingOutput(step.step_id, {}, None)
@@ -85,11 +93,15 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> list[dict]:
     llm = engine_llm(args, overlap_depth=0 if args.disable_overlap else 1)
     warm = warmup_workload(workload)
     llm.generate(warm.prompts, workload_sampling(warm))
-    results: dict[bool, dict] = {}
-    for overlap in ([False] if args.disable_overlap else [True, False]):
+    # (overlap, decode passes): every --decode-steps-list value with overlap, then one pass without.
+    variants = [(not args.disable_overlap, k) for k in args.decode_steps_list]
+    if not args.disable_overlap:
+        variants.append((False, 1))
+    rows = []
+    for overlap, passes in variants:
         # A fresh core on the same runner: an empty prefix cache, so the warm-up's prompts are no hit.
         timed = TimedLLM(llm.runner, overlap_depth=int(overlap), max_prefill_tokens=args.max_prefill_tokens,
-                         disable_radix_cache=args.disable_radix_cache)
+                         disable_radix_cache=args.disable_radix_cache, decode_steps=passes)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outputs = timed.generate(workload.prompts, workload_sampling(workload))
@@ -105,31 +117,36 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> list[dict]:
                 gaps.append(max(end_a.elapsed_time(start_b), 0.0))
         for _, s, e in timeline:
             busy += s.elapsed_time(e)
-        results[overlap] = dict(wall_s=round(wall, 3), steps=len(timeline),
-                                decode_gap_us_mean=round(1e3 * float(np.mean(gaps)), 1) if gaps else None,
-                                decode_gap_us_p50=round(1e3 * float(np.median(gaps)), 1) if gaps else None,
-                                gpu_idle_fraction=round(1 - busy / 1e3 / wall, 4),
-                                tok_s=workload.output_tokens / wall)
-        print(f"engine overlap={overlap}: {results[overlap]}", flush=True)
+        result = dict(wall_s=round(wall, 3), steps=len(timeline),
+                      decode_gap_us_mean=round(1e3 * float(np.mean(gaps)), 1) if gaps else None,
+                      decode_gap_us_p50=round(1e3 * float(np.median(gaps)), 1) if gaps else None,
+                      gpu_idle_fraction=round(1 - busy / 1e3 / wall, 4))
+        print(f"engine overlap={overlap} decode_steps={passes}: {workload.output_tokens / wall:.0f} tok/s {result}",
+              flush=True)
+        rows.append(_row(args, "llmrpc-engine", workload.output_tokens / wall, overlap=overlap,
+                         decode_steps=passes, **result))
     del llm, timed
     torch.cuda.empty_cache()
-    main = results[not args.disable_overlap]
-    rows = [_row(args, "llmrpc-engine", main.pop("tok_s"), overlap=not args.disable_overlap, **main)]
-    if not args.disable_overlap and False in results:
-        ab = results[False]
-        rows.append(_row(args, "llmrpc-engine", ab.pop("tok_s"), overlap=False, **ab))
     return rows
 
 
 # ---- (a) the full stack -----------------------------------------------------------------
 
 
-def overlap_depths(text: str) -> list[int]:
-    """`--overlap-depths 1,2,3`: the scheduler is restarted with each, against the same worker."""
-    depths = [int(d) for d in text.split(",")]
-    if not depths or min(depths) < 0:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of depths >= 0, got {text!r}")
-    return depths
+def int_list(low: int):
+    """`1,2,3` as a list of ints, each >= low (`--overlap-depths`, `--decode-steps-list`)."""
+    def parse(text: str) -> list[int]:
+        values = [int(d) for d in text.split(",")]
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"a comma-separated list of integers >= {low}, got {text!r}")
+        return values
+    return parse
+
+
+def scheduler_variants(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The stack's (overlap depth, decode passes) pairs to time, the scheduler restarted for each."""
+    depths = [0] if args.disable_overlap else args.overlap_depths
+    return [(depth, k) for depth in depths for k in args.decode_steps_list]
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
@@ -141,8 +158,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     add_engine_flags(ap)
     add_scheduler_flags(ap)
     ap.set_defaults(device="cuda", load_format="dummy", max_context=4096)  # the workloads need at most 2048
-    ap.add_argument("--overlap-depths", type=overlap_depths, default=[2],
+    ap.add_argument("--overlap-depths", type=int_list(0), default=[2],
                     help="the stack's scheduler --overlap-depth values to time, e.g. 1,2,3")
+    ap.add_argument("--decode-steps-list", type=int_list(1), default=[1],
+                    help="the --decode-steps values to time (multi-step decode), e.g. 1,4,8")
     ap.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     ap.add_argument("--log-dir", default=tempfile.gettempdir())
     ap.add_argument("--out", default="")
@@ -152,11 +171,11 @@ class Stack:
     """`llmrpc worker` and `llmrpc scheduler` on this run's engine and scheduler flags, started by the
     launcher (services/launcher.py) on free ports, the worker on a unix socket; `target` takes tokens.
 
-    `restart_scheduler` swaps in a scheduler with another overlap depth; the worker (its
-    weights and CUDA graphs) stays, and takes the new scheduler's step stream.
+    `use` swaps in a scheduler with another overlap depth or decode passes; the
+    worker (its weights and CUDA graphs) stays, and takes the new scheduler's step stream.
     """
 
-    def __init__(self, args: argparse.Namespace, overlap_depth: int = 2) -> None:
+    def __init__(self, args: argparse.Namespace, overlap_depth: int = 2, decode_steps: int = 1) -> None:
         from llmrpc.services.cli import stack_config
         from llmrpc.services.launcher import Launcher, start_on_fresh_ports
         from llmrpc.services.rpc import free_port
@@ -166,14 +185,17 @@ class Stack:
         def start() -> Launcher:
             config = stack_config(args, args.model, self._sockets.name, scheduler_port=free_port(),
                                   worker_port=free_port(), log_level="warning")
-            config = config.with_scheduler(replace(config.scheduler, overlap_depth=overlap_depth))
+            config = config.with_scheduler(replace(config.scheduler, overlap_depth=overlap_depth,
+                                                   decode_steps=decode_steps))
             return Launcher(config, log_dir=Path(args.log_dir)).start()
 
         self.launcher = start_on_fresh_ports(start)
 
     @property
-    def overlap_depth(self) -> int:
-        return self.launcher.config.scheduler.overlap_depth
+    def variant(self) -> tuple[int, int]:
+        """(overlap depth, decode passes) of the scheduler running now."""
+        s = self.launcher.config.scheduler
+        return s.overlap_depth, s.decode_steps
 
     @property
     def target(self) -> str:
@@ -193,8 +215,12 @@ class Stack:
         with grpc.insecure_channel(self.target) as ch:
             return generation_pb2_grpc.GenerationStub(ch).GetModelInfo(generation_pb2.GetModelInfoRequest()).kv_pages_total
 
-    def restart_scheduler(self, overlap_depth: int) -> None:
-        self.launcher.replace_scheduler(replace(self.launcher.config.scheduler, overlap_depth=overlap_depth))
+    def use(self, variant: tuple[int, int]) -> None:
+        """Restarts the scheduler with (overlap depth, decode passes), unless it runs with them already."""
+        if variant != self.variant:
+            depth, passes = variant
+            self.launcher.replace_scheduler(replace(self.launcher.config.scheduler, overlap_depth=depth,
+                                                    decode_steps=passes))
 
     def close(self) -> None:
         self.launcher.stop()
@@ -227,23 +253,23 @@ async def generate_all(target: str, workload: Workload, prefix: str) -> tuple[in
 
 
 def bench_stack(args: argparse.Namespace, workload: Workload) -> list[dict]:
-    depths = [0] if args.disable_overlap else args.overlap_depths
+    variants = scheduler_variants(args)
     t = time.time()
-    stack = Stack(args, overlap_depth=depths[0])
+    stack = Stack(args, *variants[0])
     rows = []
     try:
-        for depth in depths:
-            if depth != stack.overlap_depth:
-                t = time.time()
-                stack.restart_scheduler(depth)
-            print(f"stack (overlap depth {depth}) ready in {time.time() - t:.0f}s", flush=True)
+        for depth, passes in variants:
+            t = time.time()
+            stack.use((depth, passes))
+            name = f"stack (overlap depth {depth}, {passes} decode steps)"
+            print(f"{name} ready in {time.time() - t:.0f}s", flush=True)
             warm = warmup_workload(workload)
-            asyncio.run(generate_all(stack.target, warm, f"warm{depth}-"))
-            produced, wall = asyncio.run(generate_all(stack.target, workload, f"r{depth}-"))
+            asyncio.run(generate_all(stack.target, warm, f"warm{depth}.{passes}-"))
+            produced, wall = asyncio.run(generate_all(stack.target, workload, f"r{depth}.{passes}-"))
             assert produced == workload.output_tokens, (produced, workload.output_tokens)
-            print(f"stack (overlap depth {depth}): {wall:.2f}s", flush=True)
+            print(f"{name}: {wall:.2f}s", flush=True)
             rows.append(_row(args, "llmrpc-stack", produced / wall, overlap=depth > 0, overlap_depth=depth,
-                             wall_s=round(wall, 3)))
+                             decode_steps=passes, wall_s=round(wall, 3)))
         return rows
     finally:
         stack.close()
@@ -325,10 +351,10 @@ def main() -> None:
                                     "roofline": "roofline"}[name], 0.0, error=repr(exc)[:500]))
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"\n{'system':<18}{'overlap':<9}{'depth':<7}{'tok/s':>10}  wall_s")
+    print(f"\n{'system':<18}{'overlap':<9}{'depth':<7}{'k':<4}{'tok/s':>10}  wall_s")
     for r in rows:
         print(f"{r['system']:<18}{str(r.get('overlap', '')):<9}{str(r.get('overlap_depth', '')):<7}"
-              f"{r['output_tokens_per_s']:>10.0f}  {r.get('wall_s', '')}")
+              f"{str(r.get('decode_steps', '')):<4}{r['output_tokens_per_s']:>10.0f}  {r.get('wall_s', '')}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def main() -> None:
         seed_cell = "-" if seed_value is None else f"{seed_value:,.1f}"
         print(f"{name:<24}{cell(stack, key):>10}{cell(engine, key):>10}{seed_cell:>10}{ratio(stack):>12}"
               f"{ratio(engine):>12}")
+    print(f"\nevery row ({'system':<14}{'metric':<22}{'depth':>6}{'k':>4}{'value':>10}{'/seed':>7})")
+    for r in offline + latency:
+        if "vs_seed" in r:
+            key = "ttft_ms" if r.get("metric") == "ttft_2048" else "output_tokens_per_s"
+            print(f"          {r['system']:<14}{r.get('metric', 'offline'):<22}{str(r.get('overlap_depth', '')):>6}"
+                  f"{str(r.get('decode_steps', 1)):>4}{r[key]:>10,.1f}{r['vs_seed']['ratio']:>7.2f}")
     if startup:
         print(f"{'ready after start (s)':<24}{cell(startup[0], 'ready_s'):>10}{'':>10}{'~25':>10}  (seed: issue 13)")
 

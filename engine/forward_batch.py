@@ -17,6 +17,15 @@ from llmrpc.engine.step import Step
 from llmrpc.kernels.base import AttentionMetadata
 
 
+def check_kv_room(step_id: int, pool: KVPool, slots: np.ndarray, kv_lens: np.ndarray) -> None:
+    """ValueError unless each slot's pages hold its row's `kv_lens` positions."""
+    held = pool.slot_num_pages[slots] * pool.page_size
+    if np.any(kv_lens > held):
+        r = int(np.argmax(kv_lens > held))
+        raise ValueError(f"step {step_id}: slot {slots[r]} needs KV room for {kv_lens[r]} tokens "
+                         f"but its pages hold {held[r]}")
+
+
 @dataclass
 class ForwardBatch:
     step_id: int
@@ -43,11 +52,7 @@ class ForwardBatch:
             raise ValueError(f"step {step.step_id}: empty prefill chunk")
         qo_lens = np.concatenate([np.ones(nd, dtype=np.int64), step.chunk_lens.astype(np.int64)])
         kv_lens = step.starts.astype(np.int64) + qo_lens
-        held = pool.slot_num_pages[slots] * ps
-        if np.any(kv_lens > held):
-            r = int(np.argmax(kv_lens > held))
-            raise ValueError(f"step {step.step_id}: slot {slots[r]} needs KV room for {kv_lens[r]} tokens "
-                             f"but its pages hold {held[r]}")
+        check_kv_room(step.step_id, pool, slots, kv_lens)
         if np.any(kv_lens > max_context):
             raise ValueError(f"step {step.step_id}: a row reaches {kv_lens.max()} tokens, over the context "
                              f"length {max_context}")

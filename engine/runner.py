@@ -10,7 +10,9 @@ copied to the host for the reply).
 `launch(step)` does all three without waiting for the GPU: the tokens come back
 through a non-blocking device → host copy and an event, so the caller can
 launch step N+1 before step N's tokens are read (`PendingOutput.result()`), and
-the GPU never idles while Python prepares the next step. On CUDA, pure decode
+the GPU never idles while Python prepares the next step. A multi-step decode
+(`Step.decode_steps` = k) queues k such passes back to back and copies their
+k × B tokens to the host once. On CUDA, pure decode
 steps replay CUDA graphs (engine/cuda_graph.py) when the backend supports them.
 
 Constrained rows (engine/constraint.py): admissions give their slots a grammar
@@ -35,7 +37,7 @@ import torch
 
 from llmrpc.engine.config import EngineConfig, ModelConfig
 from llmrpc.engine.constraint import Constraint, ConstraintError, ConstraintTable, GrammarCache
-from llmrpc.engine.forward_batch import ForwardBatch
+from llmrpc.engine.forward_batch import ForwardBatch, check_kv_room
 from llmrpc.engine.kv_cache import KVPool, kv_cache_dtype, plan_num_pages
 from llmrpc.engine.loader import load_model_weights
 from llmrpc.engine.models import model_class
@@ -257,10 +259,29 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, step: Step) -> PendingOutput:
         """Queues the step's whole GPU work and returns without waiting for it."""
+        if step.decode_steps > 1:
+            return self._launch_passes(step)
         batch = self.prepare(step)
         if batch is None:
             return PendingOutput(step.step_id, {}, None)
         return self.sample_async(batch, self.forward(batch))
+
+    def _launch_passes(self, step: Step) -> PendingOutput:
+        """Multi-step decode: k passes queued back to back, each feeding the tokens the one before
+        sampled (they never leave the device), and one copy of all k × B tokens to the host."""
+        if step.num_prefill:
+            raise ValueError(f"step {step.step_id}: {step.decode_steps} decode steps need every row to decode, "
+                             f"{step.num_prefill} of {step.num_rows} rows prefill")
+        drawn: list[dict[str, torch.Tensor]] = []
+        for i in range(step.decode_steps):
+            batch = self.prepare(step.decode_pass(i))
+            if batch is None:
+                return PendingOutput(step.step_id, {}, None)
+            if i == 0:  # the pages for every pass came with the first: refuse a block that would run short
+                check_kv_room(step.step_id, self.kv_pool, step.slots.astype(np.int64),
+                              step.starts.astype(np.int64) + step.decode_steps)
+            drawn.append(self._draw(batch, self.forward(batch)))
+        return self._to_host(step.step_id, {name: torch.cat([d[name] for d in drawn]) for name in drawn[0]})
 
     @torch.inference_mode()
     def prepare(self, step: Step) -> ForwardBatch | None:
@@ -295,9 +316,13 @@ class ModelRunner:
     @torch.inference_mode()
     def sample_async(self, batch: ForwardBatch, logits: torch.Tensor) -> PendingOutput:
         """Samples and starts copying the tokens to the host; they stay on the device for the next step."""
-        slots = batch.sample_slots
-        if len(slots) == 0:
+        if len(batch.sample_slots) == 0:
             return PendingOutput(batch.step_id, {}, None)
+        return self._to_host(batch.step_id, self._draw(batch, logits))
+
+    def _draw(self, batch: ForwardBatch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's tokens (and logprobs) on the device, each slot's token kept as its next input."""
+        slots = batch.sample_slots
         # The forward is queued: the host waits for the last step's constrained tokens (if any) and
         # fills this step's bitmask while the device computes.
         constrain = self.constraints.mask(slots)
@@ -312,12 +337,16 @@ class ModelRunner:
             if result.top_ids is not None and result.top_logprobs is not None:
                 device["top_ids"] = result.top_ids.to(torch.int32)
                 device["top_logprobs"] = result.top_logprobs
+        return device
+
+    def _to_host(self, step_id: int, device: dict[str, torch.Tensor]) -> PendingOutput:
+        """Starts the device → pinned host copy of a step's outputs; the event tells when it is done."""
         if not self.config.is_cuda:
-            return PendingOutput(batch.step_id, {k: v.cpu() for k, v in device.items()}, None)
+            return PendingOutput(step_id, {k: v.cpu() for k, v in device.items()}, None)
         host = {}
         for name, t in device.items():
             host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host[name].copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingOutput(batch.step_id, host, ready)
+        return PendingOutput(step_id, host, ready)

@@ -4,10 +4,14 @@ The scheduler builds a Step, services/protocol.py packs it into a StepCommand,
 and the worker unpacks it and hands it to the engine's ModelRunner. Rows are the
 decode rows first (one token each, fed from the slot's last sampled token, which
 stays on the device), then prefill chunks (their tokens travel in the step).
+
+A step of decode rows only may ask for k = `decode_steps` forward passes back to back
+(multi-step decode): each row's pages then cover its k new positions, and the output
+holds k tokens per row, step-major (the B tokens of the first pass, then the second's).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -75,6 +79,7 @@ class Step:
     page_counts: np.ndarray = field(default_factory=_i32)  # [B] pages appended to each row's slot
     page_ids: np.ndarray = field(default_factory=_i32)  # [sum(page_counts)]
     admissions: list[SlotParams] = field(default_factory=list)
+    decode_steps: int = 1  # k forward passes back to back; > 1 only when every row decodes
 
     @property
     def num_rows(self) -> int:
@@ -86,17 +91,25 @@ class Step:
 
     @property
     def num_sampled(self) -> int:
-        """Tokens the step returns: every decode row plus chunks that end their prompt."""
-        return self.num_decode + int(self.sample_chunks.sum())
+        """Tokens the step returns: every decode row (k times) plus chunks that end their prompt."""
+        return self.num_decode * self.decode_steps + int(self.sample_chunks.sum())
 
     @property
     def num_tokens(self) -> int:
-        return self.num_decode + int(self.chunk_lens.sum())
+        return self.num_decode * self.decode_steps + int(self.chunk_lens.sum())
+
+    def decode_pass(self, i: int) -> Step:
+        """Pass i of a multi-step decode as a one-pass step: positions i further on, its pages and
+        admissions already applied by pass 0."""
+        if i == 0:
+            return replace(self, decode_steps=1)
+        return Step(self.step_id, num_decode=self.num_decode, slots=self.slots, starts=self.starts + i,
+                    page_counts=np.zeros_like(self.page_counts))
 
 
 @dataclass
 class StepOutput:
-    """What one step produced, in row order over the rows that sample."""
+    """What one step produced, in row order over the rows that sample (k passes: step-major)."""
 
     step_id: int
     tokens: np.ndarray  # int32[num_sampled]

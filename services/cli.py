@@ -33,6 +33,7 @@ DEFAULT_SCHEDULER_PORT = 50052
 DEFAULT_WORKER_PORT = 50060
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_OVERLAP_DEPTH = 2
+DEFAULT_DECODE_STEPS = 1
 
 
 def _env(name: str, default: Any) -> Any:
@@ -49,11 +50,16 @@ def _env(name: str, default: Any) -> Any:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+_non_negative_int, _positive_int = _int_at_least(0), _int_at_least(1)
 
 
 def _setup_logging(level: str) -> None:
@@ -180,6 +186,9 @@ def add_scheduler_flags(p: argparse.ArgumentParser) -> Flags:
                        default=_env("overlap_depth", DEFAULT_OVERLAP_DEPTH),
                        help="steps sent to the worker ahead of the oldest unread result (deeper hides the round "
                             "trip from single streams; a finish is then seen that many steps late)"),
+        g.add_argument("--decode-steps", type=_positive_int, default=_env("decode_steps", DEFAULT_DECODE_STEPS),
+                       help="decode passes one step may run back to back on the worker (multi-step decode: the "
+                            "round trip is paid once per k tokens; a finish is seen up to k tokens late)"),
         g.add_argument("--disable-overlap", action="store_true", default=_env("disable_overlap", False),
                        help="one step at a time (--overlap-depth 0), for ablation"),
         g.add_argument("--max-queued-requests", type=int, default=_env("max_queued_requests", 1024),

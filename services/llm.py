@@ -72,7 +72,7 @@ class LLM:
 
     def __init__(self, model: str | ModelRunner, *, overlap_depth: int = 1, max_prefill_tokens: int = 8192,
                  schedule_policy: str = "fcfs", check_invariants: bool = False, disable_radix_cache: bool = False,
-                 **engine_options: Any) -> None:
+                 decode_steps: int = 1, **engine_options: Any) -> None:
         if isinstance(model, ModelRunner):
             if engine_options:
                 raise TypeError(f"engine options {sorted(engine_options)} need a model path, not a ModelRunner")
@@ -85,7 +85,8 @@ class LLM:
             num_pages=info.num_pages, page_size=info.page_size, max_slots=info.max_slots,
             context_length=info.context_length, eos_token_ids=info.eos_token_ids,
             max_prefill_tokens=max_prefill_tokens, schedule_policy=schedule_policy,
-            check_invariants=check_invariants, overlap=overlap_depth > 0, prefix_cache=not disable_radix_cache))
+            check_invariants=check_invariants, overlap=overlap_depth > 0, prefix_cache=not disable_radix_cache,
+            decode_steps=decode_steps))
         self.pipeline = StepPipeline(self.scheduler, self.launch, overlap_depth)
         self._next_id = 0
 

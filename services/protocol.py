@@ -68,6 +68,7 @@ def encode_step(step: Step) -> worker_pb2.StepCommand:
         sample_chunks=_pack(step.sample_chunks, np.dtype("i1")),
         page_counts=_pack(step.page_counts),
         page_ids=_pack(step.page_ids),
+        decode_steps=step.decode_steps if step.decode_steps > 1 else 0,  # unset reads as one pass
     )
 
 
@@ -83,6 +84,7 @@ def decode_step(msg: worker_pb2.StepCommand) -> Step:
         page_counts=_unpack(msg.page_counts),
         page_ids=_unpack(msg.page_ids),
         admissions=[decode_admission(a) for a in msg.admissions],
+        decode_steps=max(msg.decode_steps, 1),
     )
 
 

@@ -22,9 +22,10 @@ class SchedulerConfig:
     check_invariants: bool = False  # verify the page accounting after every step (tests, debugging)
     overlap: bool = True  # the servicer may ask for step N+1 before step N's output is known
     prefix_cache: bool = True  # False: no radix prefix sharing (--disable-radix-cache)
+    decode_steps: int = 1  # the most decode passes one step may ask for (multi-step decode)
 
     def __post_init__(self) -> None:
-        for name in ("num_pages", "page_size", "max_slots", "context_length", "max_prefill_tokens"):
+        for name in ("num_pages", "page_size", "max_slots", "context_length", "max_prefill_tokens", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule_policy not in SCHEDULE_POLICIES:

@@ -58,6 +58,7 @@ class _CoreCollector:
             ("steps", "Steps sent to the workers", m.steps),
             ("prefill_tokens", "Tokens scheduled in prefill chunks, recomputation included", m.prefill_tokens),
             ("decode_tokens", "Decode rows scheduled", m.decode_tokens),
+            ("multi_step_decodes", "Steps of more than one decode pass", m.multi_step_decodes),
             ("prompt_tokens", "Prompt tokens of admitted requests", m.prompt_tokens),
             ("cached_prompt_tokens", "Prompt tokens served from the prefix cache", m.cached_prompt_tokens),
             ("evicted_pages", "Prefix-cache pages evicted to make room", m.evicted_pages),

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 @dataclass
 class SchedulerMetrics:
     steps: int = 0
-    decode_tokens: int = 0  # decode rows scheduled
+    decode_tokens: int = 0  # decode rows scheduled (k per row in a step of k decode passes)
+    multi_step_decodes: int = 0  # steps of more than one decode pass (--decode-steps)
     prefill_tokens: int = 0  # prompt tokens scheduled in prefill chunks (recomputation included)
     prompt_tokens: int = 0  # prompt tokens of admitted requests, counted at their first admission
     cached_prompt_tokens: int = 0  # of those, served from the prefix cache

@@ -47,6 +47,21 @@ class TokenEvent(NamedTuple):
     logprobs: list[TokenLogprobs] | None = None
 
 
+def merge_events(events: list[TokenEvent]) -> TokenEvent:
+    """One request's events as one: every token in order, the last event's finish and usage."""
+    last = events[-1]
+    logprobs = None if last.logprobs is None else [row for e in events for row in (e.logprobs or ())]
+    return last._replace(token_ids=[t for e in events for t in e.token_ids], logprobs=logprobs)
+
+
+def merge_by_request(events: list[TokenEvent]) -> list[TokenEvent]:
+    """Each request's events merged into one, in the order the requests first appear."""
+    by_request: dict[str, list[TokenEvent]] = {}
+    for event in events:
+        by_request.setdefault(event.request_id, []).append(event)
+    return [merge_events(group) for group in by_request.values()]
+
+
 class TokenLogprobs(NamedTuple):
     """The sampled token's logprob and the request's top-N alternatives (most likely first)."""
 

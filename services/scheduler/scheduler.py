@@ -46,7 +46,8 @@ from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.invariants import check_kv_invariants
 from llmrpc.services.scheduler.kv_pages import KVPages
 from llmrpc.services.scheduler.metrics import SchedulerMetrics
-from llmrpc.services.scheduler.request import AdmissionError, Request, RequestState, TokenEvent, TokenLogprobs
+from llmrpc.services.scheduler.request import (AdmissionError, Request, RequestState, TokenEvent, TokenLogprobs,
+                                               merge_by_request)
 
 # Longest-prefix-match needs one radix lookup per waiting request per step; past
 # this queue length it costs more than it saves and admission falls back to fcfs.
@@ -72,14 +73,11 @@ class _StepBuilder:
         self.chunked: list[Request] = []  # requests that got a prefill chunk
         self.num_decode = 0
 
-    def add_decode(self, req: Request, new_page: int) -> None:
+    def add_decode(self, req: Request, new_pages: list[int]) -> None:
         self.slots.append(req.slot)
         self.starts.append(req.num_fed)
-        if new_page >= 0:
-            self.page_counts.append(1)
-            self.page_ids.append(new_page)
-        else:
-            self.page_counts.append(0)
+        self.page_counts.append(len(new_pages))
+        self.page_ids.extend(new_pages)
         self.sampled.append(req)
         self.num_decode += 1
 
@@ -99,7 +97,7 @@ class _StepBuilder:
     def empty(self) -> bool:
         return not self.slots
 
-    def build(self, step_id: int) -> Step:
+    def build(self, step_id: int, decode_steps: int) -> Step:
         i32 = np.int32
         return Step(
             step_id=step_id,
@@ -112,6 +110,7 @@ class _StepBuilder:
             page_counts=np.array(self.page_counts, dtype=i32),
             page_ids=np.array(self.page_ids, dtype=i32),
             admissions=self.admissions,
+            decode_steps=decode_steps,
         )
 
 
@@ -130,7 +129,8 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}  # every request not yet finished
         self._free_slots = list(range(c.max_slots - 1, -1, -1))
-        self._in_flight: dict[int, list[Request]] = {}  # step id -> request behind each sampled token
+        # step id -> (the request behind each sampled token, the step's decode passes)
+        self._in_flight: dict[int, tuple[list[Request], int]] = {}
 
     # ---- the servicer's interface ---------------------------------------------
 
@@ -183,9 +183,11 @@ class Scheduler:
         if self.config.check_invariants and not self.config.overlap and self._in_flight:
             raise AssertionError(f"overlap is off but steps {sorted(self._in_flight)} are still in flight")
         b = _StepBuilder()
-        self._schedule_decodes(b)
-        budget = self._schedule_prefill_chunks(b, self.config.max_prefill_tokens)
-        budget = self._admit(b, budget)
+        k = self._decode_passes()
+        self._schedule_decodes(b, k)
+        budget = self.config.max_prefill_tokens
+        if k == 1:
+            budget = self._admit(b, self._schedule_prefill_chunks(b, budget))
         step = None
         if not b.empty:
             for req in b.chunked:
@@ -193,12 +195,13 @@ class Scheduler:
                     self.kv.share_prompt_pages(req)
             step_id = self._next_step_id
             self._next_step_id += 1
-            self._in_flight[step_id] = b.sampled
+            self._in_flight[step_id] = (b.sampled * k, k)
             m = self.metrics
             m.steps += 1
-            m.decode_tokens += b.num_decode
+            m.decode_tokens += b.num_decode * k
+            m.multi_step_decodes += k > 1
             m.prefill_tokens += self.config.max_prefill_tokens - budget
-            step = b.build(step_id)
+            step = b.build(step_id, k)
         if self.config.check_invariants:
             self.check_invariants()
         return step
@@ -211,9 +214,10 @@ class Scheduler:
         Results must come in step order. `logprobs` is parallel to `tokens`; `top_ids` and
         `top_logprobs` have the batch's largest N columns, cut here to each request's own N.
         """
-        rows = self._in_flight.pop(step_id, None)
-        if rows is None:
+        in_flight = self._in_flight.pop(step_id, None)
+        if in_flight is None:
             return []  # a step from before fail_all
+        rows, passes = in_flight
         if self._in_flight and min(self._in_flight) < step_id:
             raise ValueError(f"step {step_id}'s output came before step {min(self._in_flight)}'s")
         ids = tokens.tolist()
@@ -254,6 +258,8 @@ class Scheduler:
                 token_logprobs = [TokenLogprobs(lps[row], top_ids_row, top_lps_row)]
             events.append(TokenEvent(req.request_id, [token], reason,
                                      (num_prompt, num_outputs, req.cached_prompt_tokens), token_logprobs))
+        if passes > 1:  # a request's k tokens go out as one event
+            events = merge_by_request(events)
         if self.config.check_invariants:
             self.check_invariants()
         return events
@@ -325,8 +331,24 @@ class Scheduler:
 
     # ---- building a step -------------------------------------------------------
 
-    def _schedule_decodes(self, b: _StepBuilder) -> None:
-        ps = self.config.page_size
+    def _decode_passes(self) -> int:
+        """k, the decode passes of the next step (multi-step decode, `decode_steps`): more than one only
+        when no prompt is prefilling and no waiting request could take a free slot, and never more
+        than any decoding request's outputs left (so no row is fed past its max_tokens)."""
+        k = self.config.decode_steps
+        if k == 1 or (self.waiting and self._free_slots):
+            return 1
+        for req in self.running:
+            if req.num_fed < req.fill_len:
+                return 1
+            left = req.max_tokens - req.num_scheduled
+            if left > 0:  # 0: every output it may have is scheduled; it sits this step out
+                k = min(k, left)
+        return k
+
+    def _schedule_decodes(self, b: _StepBuilder, k: int) -> None:
+        """A row for every decoding request, with the pages for its next k positions."""
+        pages_for = self.kv.pages_for
         running = self.running
         i = 0
         while i < len(running):
@@ -334,15 +356,16 @@ class Scheduler:
             i += 1
             if req.num_fed < req.fill_len or req.num_scheduled >= req.max_tokens:
                 continue  # still prefilling, or every output it may have is already scheduled
-            new_page = -1
-            if req.num_fed % ps == 0:  # the token goes to a new page
-                if not self._make_room(1, req, prefill_phase=False):
+            new_pages: list[int] = []
+            need = pages_for(req.num_fed + k) - len(req.pages)
+            if need > 0:  # the tokens reach a new page
+                if not self._make_room(need, req, prefill_phase=False):
                     continue  # req itself was retracted
-                new_page = self.kv.grow(req, req.num_fed + 1)[0]
-            b.add_decode(req, new_page)
-            req.num_fed += 1
-            req.num_scheduled += 1
-            req.num_pending += 1
+                new_pages = self.kv.grow(req, req.num_fed + k)
+            b.add_decode(req, new_pages)
+            req.num_fed += k
+            req.num_scheduled += k
+            req.num_pending += k
 
     def _schedule_prefill_chunks(self, b: _StepBuilder, budget: int) -> int:
         """Next chunk of every running request still prefilling (oldest first); returns the budget left."""

@@ -28,7 +28,7 @@ from llmrpc.services.protocol import decode_output, encode_grammar, encode_step
 from llmrpc.services.scheduler.config import SchedulerConfig
 from llmrpc.services.scheduler.exposition import scrape_handler
 from llmrpc.services.scheduler.pipeline import AsyncStepPipeline, StepOrderError
-from llmrpc.services.scheduler.request import AdmissionError, Request, TokenEvent
+from llmrpc.services.scheduler.request import AdmissionError, Request, TokenEvent, merge_events
 from llmrpc.services.scheduler.validation import admission_error, build_requests
 from llmrpc.services.scheduler.scheduler import Scheduler
 from llmrpc.services.scheduler.smg import SERVICE_NAME as SMG_SERVICE, SmgScheduler
@@ -50,6 +50,7 @@ class SchedulerServiceConfig:
     check_invariants: bool = False
     disable_radix_cache: bool = False  # no prefix sharing between requests (mini-sglang's --cache naive)
     overlap_depth: int = 2  # steps sent ahead of the oldest unread result; 0: overlap off
+    decode_steps: int = 1  # the most decode passes per step (multi-step decode)
     reconnect_interval_s: float = 0.5
     max_queued_requests: int = 1024  # waiting requests beyond this are refused with RESOURCE_EXHAUSTED
     max_prompt_tokens: int = 0  # longer prompts are INVALID_ARGUMENT; 0: only the context bounds them
@@ -59,6 +60,8 @@ class SchedulerServiceConfig:
     def __post_init__(self) -> None:
         if self.overlap_depth < 0:
             raise ValueError(f"overlap_depth must be >= 0, got {self.overlap_depth}")
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
 
 
 class WorkerLost(Exception):
@@ -148,13 +151,6 @@ class WorkerGroup:
             await channel.close()
 
 
-def _merged(events: list[TokenEvent]) -> TokenEvent:
-    """One completion's events as one (stream=False): every token, the last event's finish and usage."""
-    last = events[-1]
-    logprobs = None if last.logprobs is None else [row for e in events for row in (e.logprobs or ())]
-    return last._replace(token_ids=[t for e in events for t in e.token_ids], logprobs=logprobs)
-
-
 class _Listener:
     """Where the step loop leaves one Generate call's token events.
 
@@ -229,7 +225,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                     else:
                         collected.setdefault(index, []).append(event)
             for index in sorted(collected):
-                yield self._response(request_id, index, _merged(collected[index]))
+                yield self._response(request_id, index, merge_events(collected[index]))
         finally:
             for rid in index_of:
                 self._streams.pop(rid, None)
@@ -384,6 +380,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
                 check_invariants=self._config.check_invariants,
                 overlap=self._config.overlap_depth > 0,
                 prefix_cache=not self._config.disable_radix_cache,
+                decode_steps=self._config.decode_steps,
             )
         )
         self._ready.set()

@@ -14,3 +14,5 @@ def test_engine_latency_times_every_token(tmp_path: Path, default_model_dir: Pat
     m = latency.measure_engine(args)
     assert len(m["decode_all"]) == 1 and m["decode_tok_s"] == m["decode_all"][0] > 0
     assert len(m["ttft_all_ms"]) == 2 and all(t > 0 for t in m["ttft_all_ms"])
+    m4 = latency.measure_engine(args, decode_steps=4)  # 4 tokens a step: still every token timed
+    assert len(m4["decode_all"]) == 1 and m4["decode_tok_s"] > 0

@@ -109,6 +109,39 @@ def test_refuses_rows_without_kv_room(runner: ModelRunner) -> None:
         runner.execute(step)
 
 
+def test_k_decode_passes_are_k_single_steps(runner: ModelRunner) -> None:
+    """One step of 3 passes (pages for all 3 positions sent up front) gives the tokens, step-major, of
+    three one-pass steps; a multi-pass step with a prefill row, or without the pages, is refused."""
+    prompt = [9, 8, 7, 6, 5, 4, 3]  # 7 tokens: positions 7, 8, 9 decode onto a third page
+    params = [SlotParams(1, temperature=0.0), SlotParams(3, temperature=1.0, seed=5)]
+    singles = []
+    for base, step_ids in ((0, (0, 1, 2, 3)), (6, (4, 5))):
+        pages = [[base + 1, base + 2, base + 3], [base + 4, base + 5, base + 6]]
+        first = runner.execute(_prefill(step_ids[0], [1, 3], prompt, [p[:2] for p in pages], params))
+        if base == 0:
+            singles.append(first.tokens)
+            for i in range(3):
+                step = _decode(step_ids[1 + i], [1, 3], len(prompt) + i)
+                step.page_counts = _i32(1, 1) if i == 1 else _i32(0, 0)  # position 8 starts page 3
+                step.page_ids = _i32(base + 3, base + 6) if i == 1 else _i32()
+                singles.append(runner.execute(step).tokens)
+        else:
+            assert np.array_equal(first.tokens, singles[0])
+            block = dataclasses.replace(_decode(step_ids[1], [1, 3], len(prompt)), decode_steps=3,
+                                        page_counts=_i32(1, 1), page_ids=_i32(base + 3, base + 6))
+            assert block.num_sampled == 6
+            assert runner.execute(block).tokens.tolist() == np.concatenate(singles[1:]).tolist()
+    mixed = dataclasses.replace(_prefill(9, [5], [1, 2], [[30]], [SlotParams(5)]), decode_steps=2)
+    with pytest.raises(ValueError, match="2 decode steps need every row to decode, 1 of 1 rows prefill"):
+        runner.execute(mixed)
+    # Positions 10-13 need a fourth page: refused before any pass runs, so slot 1's last token stays.
+    last = runner.last_tokens[1].item()
+    short = dataclasses.replace(_decode(10, [1], len(prompt) + 3), decode_steps=4)
+    with pytest.raises(ValueError, match="step 10: slot 1 needs KV room for 14 tokens but its pages hold 12"):
+        runner.execute(short)
+    assert runner.last_tokens[1].item() == last
+
+
 def test_logits_only_at_the_sampled_rows_and_equal_to_the_full_ones(runner: ModelRunner) -> None:
     # Two prompt chunks in one step; only the second samples. The LM head runs on its last token
     # alone, and gives what it gives over every token's hidden state at that row.

@@ -122,13 +122,15 @@ def assert_no_leaks(sched: Scheduler) -> None:
 # 16 slots of requests needing ~11 pages each on average want ~176 pages; the pool has 44
 # (the largest request, 48 prompt + 39 new tokens, needs 22).
 SMALL_POOL = dict(num_pages=44, page_size=4, max_slots=16, max_prefill_tokens=24)
-# Steps in flight beyond the oldest unread output: none, the default one, and a deep pipeline.
-DEPTHS, DEPTH_IDS = [0, 1, 3], ["no-overlap", "overlap", "depth-3"]
+# (steps in flight beyond the oldest unread output, the most decode passes per step): none, the
+# default one and a deep pipeline; then multi-step decode, with and without overlap.
+DEPTHS = [(0, 1), (1, 1), (3, 1), (1, 4), (0, 3), (2, 3)]
+DEPTH_IDS = ["no-overlap", "overlap", "depth-3", "overlap-4-passes", "no-overlap-3-passes", "depth-2-3-passes"]
 
 
-@pytest.mark.parametrize("depth", DEPTHS, ids=DEPTH_IDS)
-def test_200_requests_through_a_small_pool_match_their_outputs_alone(depth: int) -> None:
-    sched, worker = make(**SMALL_POOL, overlap=depth > 0)
+@pytest.mark.parametrize("depth,passes", DEPTHS, ids=DEPTH_IDS)
+def test_200_requests_through_a_small_pool_match_their_outputs_alone(depth: int, passes: int) -> None:
+    sched, worker = make(**SMALL_POOL, overlap=depth > 0, decode_steps=passes)
     arrivals = random_requests(np.random.default_rng(1), 200, vocab=48, max_arrival=150)
     run = simulate(sched, worker, arrivals, depth)
     for req in all_requests(arrivals):
@@ -141,15 +143,17 @@ def test_200_requests_through_a_small_pool_match_their_outputs_alone(depth: int)
     m = sched.metrics
     assert m.retractions > 0 and m.evicted_pages > 0 and m.cached_prompt_tokens > 0
     assert m.requests_finished.get("stop", 0) + m.requests_finished.get("length", 0) == 200
-    # Decode rows are never scheduled past max_tokens; only a stop seen `depth` steps late wastes up to depth.
-    assert m.dropped_tokens <= m.requests_finished.get("stop", 0) * depth
+    # Decode rows are never scheduled past max_tokens; only a stop seen late wastes tokens: the rest of
+    # its step's passes and the `depth` steps behind it.
+    assert m.dropped_tokens <= m.requests_finished.get("stop", 0) * ((depth + 1) * passes - 1)
+    assert (worker.passes > worker.steps) == (passes > 1)  # multi-step decodes ran (and only when asked)
     assert_no_leaks(sched)
 
 
-@pytest.mark.parametrize("depth", DEPTHS, ids=DEPTH_IDS)
-def test_aborts_at_random_points_leak_no_pages(depth: int) -> None:
+@pytest.mark.parametrize("depth,passes", DEPTHS, ids=DEPTH_IDS)
+def test_aborts_at_random_points_leak_no_pages(depth: int, passes: int) -> None:
     rng = np.random.default_rng(2)
-    sched, worker = make(**SMALL_POOL, overlap=depth > 0)
+    sched, worker = make(**SMALL_POOL, overlap=depth > 0, decode_steps=passes)
     arrivals = random_requests(rng, 120, vocab=48, max_arrival=150)
     aborts: dict[int, list[str]] = defaultdict(list)
     aborted = set()
@@ -290,6 +294,72 @@ def test_lpm_admits_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
         run = simulate(sched, worker, {0: [warm], 1: [other, sharing]}, depth=0)
         assert run.finish_order == ["warm", first, ({"other", "sharing"} - {first}).pop()], policy
         assert run.usage["sharing"][2] == 16
+
+
+# ---- multi-step decode -----------------------------------------------------------
+
+def drive(sched: Scheduler, worker: FakeWorker) -> tuple[list[tuple[int, int, int, list[int]]], list[TokenEvent]]:
+    """Overlap off: every step's (decode rows, prefill rows, passes, pages sent) and its events."""
+    shapes, events = [], []
+    while (step := sched.next_step()) is not None:
+        shapes.append((step.num_decode, step.num_prefill, step.decode_steps, step.page_counts.tolist()))
+        events += sched.on_step_output(step.step_id, worker.execute(step))
+    return shapes, events
+
+
+def test_a_lone_request_decodes_k_tokens_a_step_and_never_past_max_tokens() -> None:
+    sched, worker = make(num_pages=16, page_size=4, max_slots=2, decode_steps=4)
+    req = Request("a", [1, 2, 3], max_tokens=10, ignore_eos=True)
+    sched.add_request(req)
+    shapes, events = drive(sched, worker)
+    # The prefill samples output 1; passes of 4 write positions 3-6 and 7-10 (a new page each time);
+    # one output is left, so the last step has one pass (position 11, on the page it has).
+    assert shapes == [(0, 1, 1, [1]), (1, 0, 4, [1]), (1, 0, 4, [1]), (1, 0, 1, [0])]
+    assert [len(e.token_ids) for e in events] == [1, 4, 4, 1]  # one event per request per step
+    assert [t for e in events for t in e.token_ids] == expected(worker, req).output_ids
+    assert events[-1].finish_reason == "length" and events[-1].usage == (3, 10, 0)
+    assert sched.metrics.dropped_tokens == 0
+    assert_no_leaks(sched)
+
+
+def test_an_eos_inside_a_k_step_block_ends_the_request_there() -> None:
+    sched, worker = make(num_pages=32, page_size=4, max_slots=2, decode_steps=4)
+    rng = np.random.default_rng(5)
+    # A prompt whose 3rd output is the first EOS: mid-way through the first 4-pass block (outputs 2-5).
+    def stops_after(prompt: list[int]) -> int:
+        ref = generate_alone(worker.model, prompt, 20, (EOS,))
+        return len(ref.output_ids) if ref.finish_reason == "stop" else 0
+
+    prompt = next(p for p in (rng.integers(1, 48, 5).tolist() for _ in range(20000)) if stops_after(p) == 3)
+    req = Request("a", prompt, max_tokens=20)
+    sched.add_request(req)
+    shapes, events = drive(sched, worker)
+    assert [s[2] for s in shapes] == [1, 4]
+    assert [t for e in events for t in e.token_ids] == expected(worker, req).output_ids
+    assert events[-1].finish_reason == "stop"
+    assert sched.metrics.dropped_tokens == 2  # outputs 4 and 5 of the block, never emitted
+    assert_no_leaks(sched)
+
+
+def test_multi_step_waits_while_a_prompt_prefills_or_a_waiting_request_has_a_slot() -> None:
+    sched, worker = make(num_pages=64, page_size=4, max_slots=2, decode_steps=4, max_prefill_tokens=8)
+    sched.add_request(Request("a", [1, 2, 3], max_tokens=30, ignore_eos=True))
+    shapes = []
+    for _ in range(2):
+        step = sched.next_step()
+        assert step is not None
+        shapes.append((step.num_decode, step.num_prefill, step.decode_steps))
+        sched.on_step_output(step.step_id, worker.execute(step))
+    sched.add_request(Request("b", list(range(1, 20)), max_tokens=30, ignore_eos=True))  # 3 chunks of <= 8
+    sched.add_request(Request("c", [4, 5], max_tokens=30, ignore_eos=True))  # waits: no slot is free
+    for _ in range(4):
+        step = sched.next_step()
+        assert step is not None
+        shapes.append((step.num_decode, step.num_prefill, step.decode_steps))
+        sched.on_step_output(step.step_id, worker.execute(step))
+    # a prefills, decodes 4; b's prompt goes in 3 chunks beside a's single decodes; then both decode 4
+    # at once although c waits, since no slot is free for it.
+    assert shapes == [(0, 1, 1), (1, 0, 4), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 0, 4)]
 
 
 # ---- overlap details -------------------------------------------------------------

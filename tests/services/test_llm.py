@@ -7,6 +7,8 @@ invariants checked after every step.
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from llmrpc.services.rpc import channel
 from llmrpc.services.status import FieldError
 from llmrpc.v1 import generation_pb2 as pb
 from llmrpc.v1 import generation_pb2_grpc
-from tests.conftest import assert_pages_all_back
+from tests.conftest import assert_pages_all_back, start_stack
 
 NEW_TOKENS = 16
 GREEDY = pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -92,6 +94,55 @@ def test_every_overlap_depth_gives_the_same_tokens(llm: LLM, prompts) -> None:
         other = LLM(llm.runner, overlap_depth=depth, check_invariants=True)  # the same weights and KV pool
         assert tokens(other.generate(prompts, GREEDY)) == want, depth
         assert_pages_all_back(other)
+
+
+class PassCounting(LLM):
+    """Keeps every step's number of decode passes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.passes: list[int] = []
+
+    def launch(self, step):
+        self.passes.append(step.decode_steps)
+        return super().launch(step)
+
+
+def test_multi_step_decode_gives_the_same_tokens_logprobs_and_seeded_samples(llm: LLM, prompts) -> None:
+    """k passes per step against one: greedy and seeded tokens, and logprobs, are the same (a seed's
+    draws are keyed by position), and the steps did run k passes."""
+    greedy = pb.SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True, logprobs=2)
+    seeded = pb.SamplingParams(max_tokens=11, temperature=0.9, top_k=20, seed=3, n=2, ignore_eos=True)
+    want = [llm.generate(prompts, greedy), llm.generate(prompts, seeded)]
+    for depth, passes in ((1, 4), (0, 3), (2, 8)):
+        other = PassCounting(llm.runner, overlap_depth=depth, decode_steps=passes, check_invariants=True)
+        for sampling, ref in zip((greedy, seeded), want):
+            got = other.generate(prompts, sampling)
+            assert tokens(got) == tokens(ref), (depth, passes)
+            for a, b in zip(got, ref):
+                for ca, cb in zip(a.outputs, b.outputs):
+                    assert [lp.logprob for lp in ca.logprobs or ()] == pytest.approx(
+                        [lp.logprob for lp in cb.logprobs or ()], abs=1e-5)
+                    assert ca.finish_reason == cb.finish_reason == "length"
+        assert max(other.passes) == passes
+        assert_pages_all_back(other)
+
+
+def test_the_stack_decoding_k_tokens_a_step_gives_the_same_tokens(llm: LLM, prompts, tmp_path: Path,
+                                                                   tiny_model: Path) -> None:
+    greedy = pb.SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True, logprobs=1)
+    seeded = pb.SamplingParams(max_tokens=13, temperature=0.9, seed=11, n=2, ignore_eos=True)
+    want = [tokens(llm.generate(prompts, s)) for s in (greedy, seeded)]
+    stack = start_stack(tmp_path, tiny_model, "--max-running-requests", "128", "--max-total-tokens", "16384",
+                        "--decode-steps", "4", "--check-kv-invariants")
+    try:
+        got = [stack_tokens(stack.scheduler, prompts, s) for s in (greedy, seeded)]
+        text = urllib.request.urlopen(f"{stack.http}/metrics", timeout=10).read().decode()
+    finally:
+        stack.stop()
+    assert got == want
+    match = re.search(r"^llmrpc_scheduler_multi_step_decodes_total (\S+)$", text, re.MULTILINE)
+    assert match and float(match.group(1)) > 0
 
 
 def test_n_seeded_samples_are_the_stacks_and_share_the_prompt(llm: LLM, prompts, tiny_stack) -> None:

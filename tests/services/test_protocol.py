@@ -1,6 +1,8 @@
 """Byte-exact round trips of the scheduler ⇄ worker step protocol."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from llmrpc.engine.step import SlotParams, Step, StepOutput
@@ -40,6 +42,21 @@ def test_step_round_trip_is_exact() -> None:
     assert back.admissions[1].top_p == np.float32(0.9)
     assert encode_step(back).SerializeToString() == wire
     assert back.num_sampled == 3 and back.num_tokens == 6
+
+
+def test_multi_step_decode_round_trip() -> None:
+    step = Step(step_id=9, num_decode=2, slots=np.array([3, 1], np.int32), starts=np.array([40, 7], np.int32),
+                page_counts=np.array([1, 0], np.int32), page_ids=np.array([12], np.int32), decode_steps=4)
+    wire = encode_step(step).SerializeToString()
+    back = decode_step(worker_pb2.StepCommand.FromString(wire))
+    assert (back.decode_steps, back.num_sampled, back.num_tokens) == (4, 8, 8)
+    assert encode_step(back).SerializeToString() == wire
+    # A one-pass step leaves the field unset (0 on the wire reads as 1), so its bytes are as before.
+    one = dataclasses.replace(step, decode_steps=1)
+    assert not worker_pb2.StepCommand.FromString(encode_step(one).SerializeToString()).decode_steps
+    assert decode_step(encode_step(one)).decode_steps == 1
+    assert [p.starts.tolist() for p in map(step.decode_pass, range(4))] == [[40, 7], [41, 8], [42, 9], [43, 10]]
+    assert [p.page_counts.tolist() for p in map(step.decode_pass, range(2))] == [[1, 0], [0, 0]]
 
 
 def test_decode_step_is_compact() -> None:

@@ -83,7 +83,7 @@ class Admission(_message.Message):
     def __init__(self, slot: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_tokens: _Optional[bytes] = ..., constraint: _Optional[_Union[GrammarSpec, _Mapping]] = ..., output_tokens: _Optional[bytes] = ...) -> None: ...
 
 class StepCommand(_message.Message):
-    __slots__ = ("step_id", "admissions", "num_decode", "slots", "starts", "chunk_lens", "chunk_tokens", "sample_chunks", "page_counts", "page_ids")
+    __slots__ = ("step_id", "admissions", "num_decode", "slots", "starts", "chunk_lens", "chunk_tokens", "sample_chunks", "page_counts", "page_ids", "decode_steps")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ADMISSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class StepCommand(_message.Message):
     SAMPLE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PAGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     admissions: _containers.RepeatedCompositeFieldContainer[Admission]
     num_decode: int
@@ -104,7 +105,8 @@ class StepCommand(_message.Message):
     sample_chunks: bytes
     page_counts: bytes
     page_ids: bytes
-    def __init__(self, step_id: _Optional[int] = ..., admissions: _Optional[_Iterable[_Union[Admission, _Mapping]]] = ..., num_decode: _Optional[int] = ..., slots: _Optional[bytes] = ..., starts: _Optional[bytes] = ..., chunk_lens: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., sample_chunks: _Optional[bytes] = ..., page_counts: _Optional[bytes] = ..., page_ids: _Optional[bytes] = ...) -> None: ...
+    decode_steps: int
+    def __init__(self, step_id: _Optional[int] = ..., admissions: _Optional[_Iterable[_Union[Admission, _Mapping]]] = ..., num_decode: _Optional[int] = ..., slots: _Optional[bytes] = ..., starts: _Optional[bytes] = ..., chunk_lens: _Optional[bytes] = ..., chunk_tokens: _Optional[bytes] = ..., sample_chunks: _Optional[bytes] = ..., page_counts: _Optional[bytes] = ..., page_ids: _Optional[bytes] = ..., decode_steps: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "tokens", "logprobs", "top_ids", "top_logprobs")

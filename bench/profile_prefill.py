@@ -1,0 +1,97 @@
+"""Where a first token's time goes: one 2,048-token prefill through the engine, by phase and by kernel.
+
+Runs services/llm.py's LLM (the engine alone, as bench/latency.py's engine mode) on fresh prompts of
+--tokens tokens, one token out. For each of --repeats prefills it splits the wall clock of the step
+into host phases (prepare: the batch and the attention plan; forward: queueing the model's kernels;
+sample; the wait for the token on the host) and the GPU's own time for the forward and sample (CUDA
+events), then profiles one more prefill with the torch profiler and prints its kernels by GPU time
+and its host operations by CPU time. When the forward's host time is above its GPU time, the
+prefill is bound by launching kernels, not by running them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llmrpc.bench.offline import add_engine_args, engine_llm
+from llmrpc.engine.runner import PendingOutput
+from llmrpc.engine.step import Step
+from llmrpc.services.llm import LLM
+from llmrpc.v1.generation_pb2 import SamplingParams
+
+
+class PhasedLLM(LLM):
+    """Times each step's host phases (perf_counter) and its GPU work (CUDA events around it)."""
+
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
+        self.phases: list[dict[str, float]] = []
+
+    def launch(self, step: Step) -> PendingOutput:
+        r = self.runner
+        t0 = time.perf_counter()
+        batch = r.prepare(step)
+        assert batch is not None
+        t1 = time.perf_counter()
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        logits = r.forward(batch)
+        mid.record()
+        t2 = time.perf_counter()
+        pending = r.sample_async(batch, logits)
+        end.record()
+        t3 = time.perf_counter()
+        pending.result()  # the token on the host (later reads of it are free)
+        t4 = time.perf_counter()
+        self.phases.append({"prepare_ms": 1e3 * (t1 - t0), "forward_host_ms": 1e3 * (t2 - t1),
+                            "sample_host_ms": 1e3 * (t3 - t2), "wait_ms": 1e3 * (t4 - t3),
+                            "step_wall_ms": 1e3 * (t4 - t0), "forward_gpu_ms": start.elapsed_time(mid),
+                            "sample_gpu_ms": mid.elapsed_time(end)})
+        return pending
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_args(ap)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    llm = engine_llm(args, PhasedLLM, overlap_depth=0)
+    assert isinstance(llm, PhasedLLM)
+    rng = random.Random(0)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def prefill() -> float:
+        prompt = [rng.randint(0, 10000) for _ in range(args.tokens)]  # fresh: no prefix-cache hit
+        t = time.perf_counter()
+        llm.generate([prompt], one)
+        return 1e3 * (time.perf_counter() - t)
+
+    for _ in range(3):
+        prefill()
+    llm.phases.clear()
+    walls = [prefill() for _ in range(args.repeats)]
+    phases = {k: round(statistics.median(p[k] for p in llm.phases), 3) for k in llm.phases[0]}
+    report = {"tokens": args.tokens, "ttft_wall_ms": round(statistics.median(walls), 3),
+              "ttft_wall_all_ms": [round(w, 2) for w in walls], **phases}
+    print("PHASES " + json.dumps(report), flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        prefill()
+    averages = prof.key_averages()
+    kernels = sum(e.count for e in averages if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    print(f"kernels launched: {kernels}")
+    print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

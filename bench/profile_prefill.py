@@ -4,13 +4,14 @@ Runs services/llm.py's LLM (the engine alone, as bench/latency.py's engine mode)
 --tokens tokens, one token out. For each of --repeats prefills it splits the wall clock of the step
 into host phases (prepare: the batch and the attention plan; forward: queueing the model's kernels;
 sample; the wait for the token on the host) and the GPU's own time for the forward and sample (CUDA
-events), then profiles one more prefill with the torch profiler and prints its kernels by GPU time
+events), as started and again after gc.freeze(), then profiles one more prefill with the torch profiler and prints its kernels by GPU time
 and its host operations by CPU time. When the forward's host time is above its GPU time, the
 prefill is bound by launching kernels, not by running them.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -60,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_args(ap)
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=12)
     args = ap.parse_args()
     llm = engine_llm(args, PhasedLLM, overlap_depth=0)
     assert isinstance(llm, PhasedLLM)
@@ -73,14 +74,27 @@ def main() -> None:
         llm.generate([prompt], one)
         return 1e3 * (time.perf_counter() - t)
 
+    def measure(label: str) -> dict:
+        """Median phases of --repeats prefills, with the collector's runs and the allocator's cudaMallocs
+        during them."""
+        llm.phases.clear()
+        collections = sum(g["collections"] for g in gc.get_stats())
+        mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
+        walls = [prefill() for _ in range(args.repeats)]
+        phases = {k: round(statistics.median(p[k] for p in llm.phases), 3) for k in llm.phases[0]}
+        report = {"label": label, "tokens": args.tokens, "ttft_wall_ms": round(statistics.median(walls), 3),
+                  "ttft_wall_all_ms": [round(w, 2) for w in walls], **phases,
+                  "gc_collections": sum(g["collections"] for g in gc.get_stats()) - collections,
+                  "cuda_mallocs": torch.cuda.memory_stats().get("num_device_alloc", 0) - mallocs}
+        print("PHASES " + json.dumps(report), flush=True)
+        return report
+
     for _ in range(3):
         prefill()
-    llm.phases.clear()
-    walls = [prefill() for _ in range(args.repeats)]
-    phases = {k: round(statistics.median(p[k] for p in llm.phases), 3) for k in llm.phases[0]}
-    report = {"tokens": args.tokens, "ttft_wall_ms": round(statistics.median(walls), 3),
-              "ttft_wall_all_ms": [round(w, 2) for w in walls], **phases}
-    print("PHASES " + json.dumps(report), flush=True)
+    reports = [measure("as started")]
+    gc.collect()
+    gc.freeze()  # what has lived through start-up is never scanned again
+    reports.append(measure("after gc.freeze()"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         prefill()
@@ -90,7 +104,7 @@ def main() -> None:
     print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        Path(args.out).write_text(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":

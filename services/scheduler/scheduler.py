@@ -9,6 +9,12 @@ Each call to `next_step` builds one Step, in this order:
    reusing the longest cached prefix from the radix index, while the token
    budget, the slots and the KV pages last.
 
+With `decode_steps` k > 1 (multi-step decode) a step with nothing to prefill or admit
+asks the worker for up to k decode passes at once, each row's pages for all of them
+sent up front. k never exceeds any decoding request's outputs left, so max_tokens
+ends a block exactly; a stop inside one is seen when the block's k tokens come back,
+and what was sampled after it is dropped, as with any finish seen late.
+
 KV pages are taken optimistically: a request is admitted when its prompt fits in
 free + evictable pages beside what the running requests take in the next
 page_size steps, not its whole max_tokens. When a running request needs a page and none is left, the

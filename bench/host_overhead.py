@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
 import torch
@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from llmrpc.bench.offline import add_engine_args, engine_llm
 from llmrpc.engine.step import Sampling, SlotParams, Step
 from llmrpc.kernels import fused
+
+if TYPE_CHECKING:
+    from llmrpc.engine.models.llama import LlamaDecoderLayer, LlamaMLP
+    from llmrpc.kernels.flashinfer_backend import FlashInferAttentionBackend
 
 
 def timed(fn: Callable[[], object], calls: int) -> tuple[float, float]:
@@ -44,9 +48,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=100)
     args = ap.parse_args()
     runner = engine_llm(args).runner
-    model, attn = runner.model, runner.attention
-    layer = model.model.layers[0]
-    sa = layer.self_attn
+    model, attn = runner.model, cast("FlashInferAttentionBackend", runner.attention)
+    layer = cast("LlamaDecoderLayer", model.model.layers[0])
+    sa, mlp = layer.self_attn, cast("LlamaMLP", layer.mlp)
     rows = []
     with torch.inference_mode():
         for tokens in (1, 2048):
@@ -57,7 +61,8 @@ def main() -> None:
                         sample_chunks=np.array([True]), page_counts=np.array([pages], np.int32),
                         page_ids=np.arange(pages, dtype=np.int32), admissions=[SlotParams.of(Sampling(), 0)])
             batch = runner.prepare(step)
-            assert batch is not None
+            assert batch is not None and attn._out_loc is not None  # planned: K/V go to the prompt's pages
+            out_loc = attn._out_loc
             x = model.model.embed_tokens(batch.input_ids)
             rope = model.model.rotary.for_positions(batch.positions, x.dtype)
             qkv = sa.qkv_proj(x)
@@ -66,7 +71,7 @@ def main() -> None:
             k = k.view(-1, sa.num_kv_heads, sa.head_dim)
             v = v.view(-1, sa.num_kv_heads, sa.head_dim)
             residual = x.clone()
-            gate_up = layer.mlp.gate_up_proj(x)
+            gate_up = mlp.gate_up_proj(x)
             w = sa.qkv_proj.weight
             identity = torch.nn.Identity()
             ops: dict[str, Callable[[], object]] = {
@@ -79,7 +84,7 @@ def main() -> None:
                 "silu_and_mul (flashinfer)": lambda: fused.silu_and_mul(gate_up),
                 "qk_norm_rope (triton)": lambda: rope(q, k, sa.q_norm, sa.k_norm),
                 "store_kv (triton)": lambda: fused.store_kv(runner.kv_pool.k[0], runner.kv_pool.v[0],
-                                                            attn._out_loc, k, v),
+                                                            out_loc, k, v),
                 "attention forward (store + run)": lambda: attn.forward(q, k, v, 0),
                 "attention run (flashinfer)": lambda: attn._active.run(q, (runner.kv_pool.k[0], runner.kv_pool.v[0])),
                 "decoder layer": lambda: layer(x, residual, rope, attn),

@@ -161,7 +161,7 @@ class Recording(LLM):
         return super().launch(step)
 
 
-def test_seeded_outputs_reproduce_through_retraction_at_every_overlap_depth(tiny: LLM) -> None:
+def test_seeded_outputs_reproduce_through_retraction_at_every_overlap_depth_and_k_passes(tiny: LLM) -> None:
     """A small pool forces retractions; each recompute replays the outputs into a fresh matcher, so the
     seeded outputs are the unpressured ones, token for token, and still validate."""
     rng = np.random.default_rng(3)
@@ -174,10 +174,11 @@ def test_seeded_outputs_reproduce_through_retraction_at_every_overlap_depth(tiny
         jsonschema.validate(json.loads(text_of(tiny, completion)), SCHEMAS[i % len(SCHEMAS)])
     assert [o.outputs[0].token_ids for o in tiny.generate(prompts, sampling)] == [c.token_ids for c in want]
     small = LLM(str(tiny.runner.config.model_path), check_invariants=True, max_slots=8, max_total_tokens=16 * 12)
-    for depth in (0, 1, 2):
-        pressured = Recording(small.runner, overlap_depth=depth, check_invariants=True)
+    for depth, passes in ((0, 1), (1, 1), (2, 1), (1, 4)):  # and multi-step decode: 4 passes a step
+        pressured = Recording(small.runner, overlap_depth=depth, decode_steps=passes, check_invariants=True)
         got = pressured.generate(prompts, sampling)
-        assert pressured.scheduler.metrics.retractions > 0, depth
+        m = pressured.scheduler.metrics
+        assert m.retractions > 0 and (m.multi_step_decodes > 0) == (passes > 1), depth
         assert pressured.replayed, depth  # a request retracted mid-output was re-admitted with its outputs
         assert [o.outputs[0].token_ids for o in got] == [c.token_ids for c in want], depth
         assert_pages_all_back(pressured)

@@ -7,7 +7,8 @@ checkpoints (saved with transformers) cover KV heads split over the ranks and KV
 heads replicated because there are fewer of them than ranks, a vocabulary that
 does not divide by the ranks, tied and untied embeddings, experts whose
 intermediate dimension is split over the ranks beside a dense layer, a step whose
-only chunk samples nothing (an empty LM-head gather) and mixed prefill/decode batches.
+only chunk samples nothing (an empty LM-head gather), mixed prefill/decode batches and a
+multi-step decode (3 passes in one step, rank 0's draw broadcast after each).
 """
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ def _steps() -> list[Step]:
     return steps
 
 
+def _block() -> Step:
+    """After the decodes, one step of 3 decode passes; slot 0's positions 15-17 need one more page."""
+    lengths = [len(prompt) + DECODE_STEPS for _, prompt, _ in REQUESTS]
+    return Step(2 + DECODE_STEPS, 3, slots=_i32([0, 1, 2]), starts=_i32(lengths), page_counts=_i32([1, 0, 0]),
+                page_ids=_i32([10]), decode_steps=3)
+
+
 def _run(model_dir: Path, rank: int = 0, size: int = 1, addr: str | None = None) -> dict:
     """Every step through prepare/forward/sample; the logits and tokens of each."""
     # Different engine seeds per rank: rank 0's broadcast alone must keep slot 2's draws in agreement.
@@ -71,6 +79,8 @@ def _run(model_dir: Path, rank: int = 0, size: int = 1, addr: str | None = None)
             step_logits = runner.forward(batch)
             logits.append(step_logits.numpy().copy())
             tokens.append(runner.sample(batch, step_logits).tokens.tolist())
+        block = _block()
+        tokens.extend(runner.launch(block).result().tokens.reshape(block.decode_steps, -1).tolist())
     return {"rank": rank, "num_pages": runner.info.num_pages, "logits": logits, "tokens": tokens}
 
 
@@ -162,3 +172,4 @@ def test_ranks_match_one_rank(size: int, tiny_models: dict[str, Path], one_rank:
         greedy = [[row[:2] for row in step_tokens[1:]] for step_tokens in (runs[0]["tokens"], ref["tokens"])]
         assert greedy[0] == greedy[1], kind
         assert len({t for row in ref["tokens"][1:] for t in row[:2]}) > 3  # not a degenerate repeat
+        assert len(ref["tokens"]) == 2 + DECODE_STEPS + 3  # the 3-pass block's tokens, a row per pass

@@ -36,6 +36,7 @@ class EngineConfig:
     max_context: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto: flashinfer on CUDA when importable, else torch
     cuda_graph_max_bs: int = 256  # decode steps up to this many rows replay CUDA graphs; 0: always eager
+    prefill_graph_max_tokens: int = 4096  # prefill steps up to this many tokens replay piecewise graphs; 0: eager
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     seed: int = 0
     tp_rank: int = 0
@@ -58,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
+        if self.prefill_graph_max_tokens < 0:
+            raise ValueError(f"prefill_graph_max_tokens must be >= 0, got {self.prefill_graph_max_tokens}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -6,21 +6,30 @@ buffers and writes logits to a fixed output; the attention backend refills its
 own fixed index buffers in `plan_graph()` before each replay. Padded rows feed
 token 0 at position 0 and store their K/V in a scratch page that no request
 owns, attending only to it, so they can never touch a real sequence.
-Prefill and mixed steps run eagerly: their shapes vary too much to capture.
+
+Prefill steps (no decode row) of up to `prefill_graph_max_tokens` tokens replay graphs
+too, piecewise (PrefillGraphs): an eager prefill costs the host more time launching its
+kernels than the GPU takes to run them (bench/profile_prefill.py), and everything but
+attention works token by token, so it can be captured at a padded token count. Each
+layer's work before and after attention is one graph; at each attention the graph copies
+q, k and v into fixed buffers, and between replays the K/V store and FlashInfer's prefill
+run eagerly on the step's own plan over the real tokens only, writing a fixed output the
+next graph reads. Padded tokens are computed and never attended to or stored. Mixed
+steps run eagerly.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
 from llmrpc.engine.forward_batch import ForwardBatch
 from llmrpc.engine.kv_cache import KVPool
-from llmrpc.kernels.base import AttentionMetadata
+from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
-    from llmrpc.engine.models.llama import LlamaForCausalLM
+    from llmrpc.engine.models.llama import LlamaAttention, LlamaForCausalLM
     from llmrpc.kernels.flashinfer_backend import FlashInferAttentionBackend
 
 
@@ -116,3 +125,106 @@ class DecodeGraphs:
         """Logits [num_rows, vocab] of the planned batch."""
         self.graphs[bs].replay()
         return self.logits[bs][:num_rows]
+
+
+def prefill_capture_sizes(max_tokens: int) -> list[int]:
+    """256, 512, 1024, ... below max_tokens, then max_tokens: a prefill pads to at most twice its tokens."""
+    return [s for s in (256, 512, 1024, 2048, 4096, 8192, 16384) if s < max_tokens] + [max_tokens]
+
+
+class _Cut(AttentionBackend):
+    """What a prefill graph is captured against: at each layer's attention, q, k and v go to the fixed
+    buffers, the layer's graph ends and the next begins; the returned output is the fixed buffer that
+    the eager attention fills between replays. Without `pool` nothing is captured (the warm-up)."""
+
+    def __init__(self, graphs: PrefillGraphs, tokens: int, pool: object | None) -> None:
+        self.graphs, self.tokens, self.pool = graphs, tokens, pool
+        self.segments: list[torch.cuda.CUDAGraph] = []
+        self.layers: list[int] = []
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        raise AssertionError("a prefill graph's attention is planned eagerly, per step")
+
+    def begin(self) -> None:
+        if self.pool is not None:
+            self._graph = torch.cuda.CUDAGraph()
+            self._graph.capture_begin(pool=self.pool)  # type: ignore[arg-type]  # graph_pool_handle()'s
+
+    def end(self) -> None:
+        if self._graph is not None:
+            self._graph.capture_end()
+            self.segments.append(self._graph)
+            self._graph = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        g, n = self.graphs, self.tokens
+        g.q[:n].copy_(q)
+        g.k[:n].copy_(k)
+        g.v[:n].copy_(v)
+        self.end()
+        self.layers.append(layer_id)
+        self.begin()
+        return g.o[:n]
+
+
+class PrefillGraphs:
+    """Piecewise graphs of prefill steps at each of `sizes` tokens (see the module docstring)."""
+
+    def __init__(self, model: LlamaForCausalLM, attention: AttentionBackend, max_tokens: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.attention = attention
+        self.sizes = prefill_capture_sizes(max_tokens)
+        self.max_tokens = self.sizes[-1]
+        attn0 = cast("LlamaAttention", model.model.layers[0].self_attn)
+        heads, kv_heads, head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+        dtype = model.lm_head.weight.dtype
+        self.input_ids = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
+        self.q = torch.zeros(self.max_tokens, heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(self.max_tokens, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(self.max_tokens, kv_heads, head_dim, dtype=dtype, device=device)
+        self.o = torch.zeros(self.max_tokens, heads, head_dim, dtype=dtype, device=device)
+        self.segments: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.layers: dict[int, list[int]] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        # Largest first, so smaller graphs reuse the memory pool the largest one grew; the graphs of one
+        # size share it too, which holds because they replay in the order they were captured.
+        with torch.cuda.stream(stream):
+            for n in reversed(self.sizes):
+                self.model(self.input_ids[:n], self.positions[:n], _Cut(self, n, None))  # warm-up
+                stream.synchronize()
+                cut = _Cut(self, n, pool)
+                cut.begin()
+                self.hidden[n] = self.model(self.input_ids[:n], self.positions[:n], cut)
+                cut.end()
+                self.segments[n], self.layers[n] = cut.segments, cut.layers
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def size_for(self, batch: ForwardBatch) -> int:
+        """The captured size a step replays, or 0: it runs eagerly (decode rows, or too many tokens)."""
+        n = batch.num_tokens
+        if batch.attention.num_decode or not 0 < n <= self.max_tokens:
+            return 0
+        return next(s for s in self.sizes if s >= n)
+
+    def replay(self, batch: ForwardBatch, size: int) -> torch.Tensor:
+        """Final hidden states [tokens, hidden] of a prefill step whose attention `plan()` has planned."""
+        n = batch.num_tokens
+        self.input_ids[:n].copy_(batch.input_ids)  # stale ids and positions past n are harmless
+        self.positions[:n].copy_(batch.positions)
+        segments, layers = self.segments[size], self.layers[size]
+        for segment, layer_id in zip(segments, layers):
+            segment.replay()
+            self.o[:n].copy_(self.attention.forward(self.q[:n], self.k[:n], self.v[:n], layer_id))
+        segments[-1].replay()
+        return self.hidden[size][:n]

@@ -10,7 +10,8 @@ copied to the host for the reply).
 `launch(step)` does all three without waiting for the GPU: the tokens come back
 through a non-blocking device → host copy and an event, so the caller can
 launch step N+1 before step N's tokens are read (`PendingOutput.result()`), and
-the GPU never idles while Python prepares the next step. A multi-step decode
+the GPU never idles while Python prepares the next step. Prefill steps of up to
+`prefill_graph_max_tokens` tokens replay piecewise graphs (attention eager between them). A multi-step decode
 (`Step.decode_steps` = k) queues k such passes back to back and copies their
 k × B tokens to the host once. On CUDA, pure decode
 steps replay CUDA graphs (engine/cuda_graph.py) when the backend supports them.
@@ -49,7 +50,7 @@ from llmrpc.kernels import AttentionMetadata, create_attention_backend, resolve_
 if TYPE_CHECKING:
     import xgrammar as xgr
 
-    from llmrpc.engine.cuda_graph import DecodeGraphs
+    from llmrpc.engine.cuda_graph import DecodeGraphs, PrefillGraphs
     from llmrpc.engine.models.llama import LlamaAttention
     from llmrpc.kernels.flashinfer_backend import FlashInferAttentionBackend
 
@@ -183,6 +184,14 @@ class ModelRunner:
                                        scratch_page=num_pages,
                                        max_bs=min(config.cuda_graph_max_bs, config.max_slots))
             phase.done("graph capture: decode batch sizes %s", ",".join(map(str, self.graphs.sizes)))
+        self.prefill_graphs: PrefillGraphs | None = None
+        if use_graphs and config.prefill_graph_max_tokens > 0:
+            from llmrpc.engine.cuda_graph import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(self.model, self.attention, config.prefill_graph_max_tokens,
+                                                self.device)
+            phase.done("graph capture: prefill steps of up to %s tokens",
+                       ",".join(map(str, self.prefill_graphs.sizes)))
         self.info = EngineInfo(
             model_name=mc.name, architecture=mc.architecture, context_length=self.max_context,
             vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, num_pages=num_pages,
@@ -307,7 +316,10 @@ class ModelRunner:
         """Logits [S, vocab] at the last token of each row that samples."""
         if batch.graph_size and self.graphs is not None:
             return self.graphs.replay(batch.graph_size, batch.attention.num_rows)
-        hidden = self.model(batch.input_ids, batch.positions, self.attention)
+        if self.prefill_graphs is not None and (size := self.prefill_graphs.size_for(batch)):
+            hidden = self.prefill_graphs.replay(batch, size)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[batch.sample_indices])
 
     def sample(self, batch: ForwardBatch, logits: torch.Tensor) -> StepOutput:

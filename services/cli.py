@@ -161,6 +161,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
                        choices=attention_backend_names()),
         g.add_argument("--cuda-graph-max-bs", type=int, default=_env("cuda_graph_max_bs", 256),
                        help="decode steps up to this many rows replay CUDA graphs (0: never)"),
+        g.add_argument("--prefill-graph-max-tokens", type=_non_negative_int,
+                       default=_env("prefill_graph_max_tokens", 4096),
+                       help="prefill steps up to this many tokens replay CUDA graphs, piecewise around attention "
+                            "(0: never): the host then launches ~4 ops a layer, not ~12"),
         g.add_argument("--load-format", default=_env("load_format", "auto"),
                        choices=["auto", "safetensors", "gguf", "dummy"]),
         g.add_argument("--tp", dest="tp_size", type=int, metavar="N", default=_env("tp", 1), help="tensor-parallel ranks"),

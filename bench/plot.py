@@ -71,9 +71,10 @@ def plot_vs_seed(plt, run: Path, out: Path) -> None:
     panels = [("offline workload (output tok/s)", "offline", "output_tokens_per_s"),
               ("single stream, 128 -> 512 tokens (tok/s)", "single_stream_decode", "output_tokens_per_s"),
               ("TTFT, 2,048-token prompt (ms, lower is better)", "ttft_2048", "ttft_ms")]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    panels = [p for p in panels if any(r.get("metric", "offline") == p[1] and r.get(p[2]) for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.7 * len(panels), 5), squeeze=False)
     order = {"roofline": 0, "mini-sglang": 1, "llmrpc-stack": 2, "llmrpc-engine": 3}
-    for ax, (title, metric, key) in zip(axes, panels):
+    for ax, (title, metric, key) in zip(axes[0], panels):
         mine = [r for r in rows if r.get("metric", "offline") == metric and r.get(key)]
         mine.sort(key=lambda r: (order.get(r["system"], 9), r.get("overlap") is False, r.get("decode_steps", 1)))
         ys = [r[key] for r in mine]

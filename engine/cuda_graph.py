@@ -204,8 +204,10 @@ class PrefillGraphs:
                 stream.synchronize()
                 cut = _Cut(self, n, pool)
                 cut.begin()
-                self.hidden[n] = self.model(self.input_ids[:n], self.positions[:n], cut)
-                cut.end()
+                try:
+                    self.hidden[n] = self.model(self.input_ids[:n], self.positions[:n], cut)
+                finally:
+                    cut.end()  # a capture that failed is ended too, so the stream leaves capture mode
                 self.segments[n], self.layers[n] = cut.segments, cut.layers
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()

@@ -188,10 +188,14 @@ class ModelRunner:
         if use_graphs and config.prefill_graph_max_tokens > 0:
             from llmrpc.engine.cuda_graph import PrefillGraphs
 
-            self.prefill_graphs = PrefillGraphs(self.model, self.attention, config.prefill_graph_max_tokens,
-                                                self.device)
-            phase.done("graph capture: prefill steps of up to %s tokens",
-                       ",".join(map(str, self.prefill_graphs.sizes)))
+            try:
+                self.prefill_graphs = PrefillGraphs(self.model, self.attention, config.prefill_graph_max_tokens,
+                                                    self.device)
+                phase.done("graph capture: prefill steps of up to %s tokens",
+                           ",".join(map(str, self.prefill_graphs.sizes)))
+            except RuntimeError as exc:  # a layer that cannot be captured (a host sync): prefills stay eager
+                torch.cuda.synchronize(self.device)
+                log.warning("prefill graphs off, prefills run eagerly: their capture failed (%s)", exc)
         self.info = EngineInfo(
             model_name=mc.name, architecture=mc.architecture, context_length=self.max_context,
             vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, num_pages=num_pages,

@@ -7,8 +7,9 @@ the scheduler (a page reused while still referenced, a wrong or missing page id,
 a cached prefix that is not what it claims) changes or breaks the output. With
 `verify` on, every row is also checked against what the slot was fed since its
 admission. A multi-step decode (`Step.decode_steps` = k) runs as k passes, each feeding
-the token the one before sampled, with the pages for all k sent in the first. Used by the scheduler tests and bench/scheduler_overhead.py, which drive it
-through services/scheduler/pipeline.py's StepPipeline (`launch`).
+the token the one before sampled, with the pages for all k sent in the first. Used by the
+scheduler tests and bench/scheduler_overhead.py, which drive it through
+services/scheduler/pipeline.py's StepPipeline (`launch`).
 """
 from __future__ import annotations
 

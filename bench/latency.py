@@ -139,12 +139,9 @@ async def measure_worker(target: str, num_pages: int, repeats: int) -> dict:
 def measure_engine(args: argparse.Namespace, runner=None, decode_steps: int = 1) -> dict:
     """The same requests through services/llm.py's LLM: the core and ModelRunner in this process (one step
     in flight), each token timed as the step loop hands it out. `runner`: one loaded before, reused."""
-    from llmrpc.services.llm import LLM
     from llmrpc.v1.generation_pb2 import SamplingParams
 
-    llm = (engine_llm(args, decode_steps=decode_steps) if runner is None else
-           LLM(runner, max_prefill_tokens=args.max_prefill_tokens, disable_radix_cache=args.disable_radix_cache,
-               decode_steps=decode_steps))
+    llm = engine_llm(args, runner=runner, decode_steps=decode_steps)
 
     def one(prompt: list[int], max_tokens: int) -> list[float]:
         arrivals: list[float] = []

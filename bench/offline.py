@@ -27,7 +27,7 @@ import torch
 
 from llmrpc.bench.record import hardware
 from llmrpc.bench.workload import TEMPERATURE, Workload, offline_workload, warmup_workload
-from llmrpc.engine.runner import PendingOutput
+from llmrpc.engine.runner import ModelRunner, PendingOutput
 from llmrpc.engine.step import Step
 from llmrpc.services.llm import LLM
 from llmrpc.v1.generation_pb2 import SamplingParams
@@ -47,11 +47,14 @@ def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
 # ---- (b) the engine alone --------------------------------------------------------------
 
 
-def engine_llm(args: argparse.Namespace, kind: type[LLM] = LLM, **scheduler_options) -> LLM:
-    """The engine alone: services/llm.py's LLM (or a `kind` of it) on the bench's engine flags, random weights."""
+def engine_llm(args: argparse.Namespace, kind: type[LLM] = LLM, runner: ModelRunner | None = None,
+               **scheduler_options) -> LLM:
+    """The engine alone: services/llm.py's LLM (or a `kind` of it) on the bench's engine and scheduler flags,
+    random weights; with `runner`, a fresh scheduler core on that loaded runner (its weights and KV pool)."""
     from llmrpc.services.cli import engine_options
 
-    return kind(args.model, **engine_options(args), max_prefill_tokens=args.max_prefill_tokens,
+    model, options = (args.model, engine_options(args)) if runner is None else (runner, {})
+    return kind(model, **options, max_prefill_tokens=args.max_prefill_tokens,
                 disable_radix_cache=args.disable_radix_cache, **scheduler_options)
 
 
@@ -100,8 +103,8 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> list[dict]:
     rows = []
     for overlap, passes in variants:
         # A fresh core on the same runner: an empty prefix cache, so the warm-up's prompts are no hit.
-        timed = TimedLLM(llm.runner, overlap_depth=int(overlap), max_prefill_tokens=args.max_prefill_tokens,
-                         disable_radix_cache=args.disable_radix_cache, decode_steps=passes)
+        timed = engine_llm(args, TimedLLM, llm.runner, overlap_depth=int(overlap), decode_steps=passes)
+        assert isinstance(timed, TimedLLM)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outputs = timed.generate(workload.prompts, workload_sampling(workload))

@@ -4,9 +4,9 @@ Runs services/llm.py's LLM (the engine alone, as bench/latency.py's engine mode)
 --tokens tokens, one token out. For each of --repeats prefills it splits the wall clock of the step
 into host phases (prepare: the batch and the attention plan; forward: queueing the model's kernels;
 sample; the wait for the token on the host) and the GPU's own time for the forward and sample (CUDA
-events), as started and again after gc.freeze(), then profiles one more prefill with the torch profiler and prints its kernels by GPU time
-and its host operations by CPU time. When the forward's host time is above its GPU time, the
-prefill is bound by launching kernels, not by running them.
+events), as started and again after gc.freeze(), then profiles one more prefill with the torch
+profiler and prints its kernels by GPU time and its host operations by CPU time. When the forward's
+host time is above its GPU time, the prefill is bound by launching kernels, not by running them.
 """
 from __future__ import annotations
 

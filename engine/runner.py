@@ -10,11 +10,11 @@ copied to the host for the reply).
 `launch(step)` does all three without waiting for the GPU: the tokens come back
 through a non-blocking device → host copy and an event, so the caller can
 launch step N+1 before step N's tokens are read (`PendingOutput.result()`), and
-the GPU never idles while Python prepares the next step. Prefill steps of up to
-`prefill_graph_max_tokens` tokens replay piecewise graphs (attention eager between them). A multi-step decode
+the GPU never idles while Python prepares the next step. A multi-step decode
 (`Step.decode_steps` = k) queues k such passes back to back and copies their
-k × B tokens to the host once. On CUDA, pure decode
-steps replay CUDA graphs (engine/cuda_graph.py) when the backend supports them.
+k × B tokens to the host once. On CUDA, when the backend supports them, pure
+decode steps replay CUDA graphs and prefill steps of up to `prefill_graph_max_tokens`
+tokens replay piecewise ones, attention eager between them (engine/cuda_graph.py).
 
 Constrained rows (engine/constraint.py): admissions give their slots a grammar
 matcher (the grammar compiled once, ahead of time, by `compile_constraint`), the

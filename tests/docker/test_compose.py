@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,11 @@ def test_gateway_profile_serves_through_smg(tmp_path: Path, default_model_dir: P
         compose.up()
         gateway = f"http://127.0.0.1:{compose.ports.local('gateway', 30000)}"
         schedulers = {f"127.0.0.1:{compose.ports.local(f'replica{i}-scheduler', 50052)}" for i in (1, 2)}
+        # SMG answers its health check before it has registered every worker it was started with (a
+        # clean-clone CI run saw one of two): wait for its registration, then compare exactly.
+        deadline = time.monotonic() + 30
+        while gateway_workers(gateway) != schedulers and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert gateway_workers(gateway) == schedulers
         answer = complete(gateway, "The capital of France is", max_tokens=8)
         assert answer["text"].strip() and answer["finish_reason"] in ("length", "stop")

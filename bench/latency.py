@@ -11,6 +11,9 @@ stack   the scheduler's token-level Generate over gRPC, with `llmrpc worker` and
 engine  the same two measurements with services/llm.py's LLM: the scheduler core and ModelRunner
         in this process on the stack's step loop (no gRPC, no processes): what the stack adds is
         the difference
+text    the tokenizer's text-level Generate in front of the same stack (--tokenizer: its tokenizer files):
+        TTFT of a text that encodes to about 2,048 tokens (the count the tokenizer reports is recorded),
+        encode and the tokenizer's hop included
 worker  the stack's worker alone (its scheduler stopped), driven over its own Steps stream by
         hand-built steps: the prefill of a 2,048-token prompt timed to its StepResult, and decode
         steps of one row one at a time and with two in flight; with stack and engine it splits
@@ -77,6 +80,45 @@ async def measure_stack(target: str, repeats: int, tag: str) -> dict:
         for i, p in enumerate(ttft_prompts):
             ttft.append((await _stream(stub, pb, p, 1, f"{tag}t{i}"))[0])
     return _summary(decode, ttft)
+
+
+def _texts(tokenizer_path: str, n: int, rng: random.Random) -> list[str]:
+    """`n` fresh texts of about TTFT_PROMPT tokens: random ids decoded, re-encoded, cut to size, decoded."""
+    from llmrpc.engine.hub import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    texts = []
+    for _ in range(n):
+        text = tok.decode([rng.randint(100, 10000) for _ in range(TTFT_PROMPT + 64)])
+        texts.append(tok.decode(tok.encode(text, add_special_tokens=False)[:TTFT_PROMPT]))
+    return texts
+
+
+async def measure_text(target: str, tokenizer_path: str, repeats: int) -> dict:
+    """TTFT through the tokenizer: a text in, the first streamed message out (median of 2 x repeats)."""
+    import grpc
+
+    from llmrpc.v1 import generation_pb2 as pb
+    from llmrpc.v1 import generation_pb2_grpc
+
+    warm, timed = 3, 2 * repeats
+    texts = _texts(tokenizer_path, warm + timed, random.Random(2))
+    ttft, prompt_tokens = [], []
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        for i, text in enumerate(texts):
+            req = pb.GenerateRequest(request_id=f"x{i}", text=text, stream=True,
+                                     sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+            t0 = time.perf_counter()
+            first = None
+            async for resp in stub.Generate(req):
+                first = time.perf_counter() - t0 if first is None else first
+                if resp.HasField("usage") and i >= warm:
+                    prompt_tokens.append(resp.usage.prompt_tokens)
+            if i >= warm:
+                ttft.append(first)
+    return {"ttft_ms": 1e3 * statistics.median(ttft), "ttft_all_ms": [1e3 * t for t in ttft],
+            "prompt_tokens": sorted(set(prompt_tokens))}
 
 
 async def measure_worker(target: str, num_pages: int, repeats: int) -> dict:
@@ -162,13 +204,18 @@ def measure_engine(args: argparse.Namespace, runner=None, decode_steps: int = 1)
     return _summary(decode, ttft)
 
 
-def _rows(args: argparse.Namespace, system: str, m: dict, **extra) -> list[dict]:
-    command = " ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]])
-    decode = _row(args, system, m["decode_tok_s"], decode_tok_s_all=m["decode_all"], **extra)
-    decode.update(benchmark="latency", metric="single_stream_decode", command=command)
+def _ttft_row(args: argparse.Namespace, system: str, m: dict, **extra) -> dict:
     ttft = _row(args, system, 0.0, ttft_ms=round(m["ttft_ms"], 2), ttft_all_ms=m["ttft_all_ms"], **extra)
-    ttft.update(benchmark="latency", metric="ttft_2048", output_tokens_per_s=None, command=command)
-    return [decode, ttft]
+    ttft.update(benchmark="latency", metric="ttft_2048", output_tokens_per_s=None,
+                command=" ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]]))
+    return ttft
+
+
+def _rows(args: argparse.Namespace, system: str, m: dict, **extra) -> list[dict]:
+    decode = _row(args, system, m["decode_tok_s"], decode_tok_s_all=m["decode_all"], **extra)
+    decode.update(benchmark="latency", metric="single_stream_decode",
+                  command=" ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]]))
+    return [decode, _ttft_row(args, system, m, **extra)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ap)
     ap.add_argument("--systems", default="stack,engine")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokenizer", default="", help="tokenizer files for the text system (a directory or a .gguf)")
     return ap
 
 
@@ -184,16 +232,21 @@ def main() -> None:
     rows: list[dict] = []
     table: list[tuple[str, dict]] = []
 
-    def record(name: str, system: str, m: dict, depth: int, passes: int = 1) -> None:
-        rows.extend(_rows(args, system, m, overlap_depth=depth, decode_steps=passes))
-        table.append((name, m))
+    def save() -> None:
         if args.out:  # after every measurement: a run cut short keeps what it measured
             Path(args.out).write_text(json.dumps(rows, indent=2))
 
+    def record(name: str, system: str, m: dict, depth: int, passes: int = 1) -> None:
+        rows.extend(_rows(args, system, m, overlap_depth=depth, decode_steps=passes))
+        table.append((name, m))
+        save()
+
     systems = args.systems.split(",")
-    if "stack" in systems or "worker" in systems:
+    if "text" in systems and not args.tokenizer:
+        raise SystemExit("--systems text needs --tokenizer")
+    if {"stack", "worker", "text"} & set(systems):
         variants = scheduler_variants(args)
-        stack = Stack(args, *variants[0])
+        stack = Stack(args, *variants[0], tokenizer=args.tokenizer if "text" in systems else None)
         try:
             for depth, passes in variants if "stack" in systems else ():
                 stack.use((depth, passes))
@@ -201,6 +254,15 @@ def main() -> None:
                 print(f"stack, overlap depth {depth}, {passes} decode steps: {m['decode_tok_s']:.0f} tok/s, "
                       f"TTFT {m['ttft_ms']:.1f} ms", flush=True)
                 record(f"stack d{depth} k{passes}", "llmrpc-stack", m, depth, passes)
+            if "text" in systems:
+                stack.use(variants[0])
+                m = asyncio.run(measure_text(stack.text_target, args.tokenizer, args.repeats))
+                print(f"text through the tokenizer: TTFT {m['ttft_ms']:.1f} ms "
+                      f"({'/'.join(map(str, m['prompt_tokens']))} prompt tokens)", flush=True)
+                rows.append(_ttft_row(args, "llmrpc-text", m, prompt_tokens=m["prompt_tokens"],
+                                      overlap_depth=variants[0][0], decode_steps=variants[0][1]))
+                table.append(("text", {"decode_tok_s": float("nan"), **m}))
+                save()
             if "worker" in systems:
                 num_pages = stack.num_pages
                 stack.launcher.child("scheduler").stop()  # the worker takes one step stream at a time

@@ -40,7 +40,7 @@ def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
         "output_tokens_per_s": round(tok_s, 1), "tp": 1, "gpu": gpu, "hardware": hardware(gpu=gpu),
         "command": " ".join(["python -m llmrpc.bench.offline", *sys.argv[1:]]),
         "commit": args.commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
+        "prefill_graph_max_tokens": args.prefill_graph_max_tokens, **extra,
     }
 
 
@@ -173,21 +173,28 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
 class Stack:
     """`llmrpc worker` and `llmrpc scheduler` on this run's engine and scheduler flags, started by the
     launcher (services/launcher.py) on free ports, the worker on a unix socket; `target` takes tokens.
+    With `tokenizer` (a directory of tokenizer files, or a .gguf) an `llmrpc tokenizer` front runs too,
+    and `text_target` takes text.
 
     `use` swaps in a scheduler with another overlap depth or decode passes; the
     worker (its weights and CUDA graphs) stays, and takes the new scheduler's step stream.
     """
 
-    def __init__(self, args: argparse.Namespace, overlap_depth: int = 2, decode_steps: int = 1) -> None:
+    def __init__(self, args: argparse.Namespace, overlap_depth: int = 2, decode_steps: int = 1,
+                 tokenizer: str | None = None) -> None:
         from llmrpc.services.cli import stack_config
         from llmrpc.services.launcher import Launcher, start_on_fresh_ports
         from llmrpc.services.rpc import free_port
+        from llmrpc.services.tokenizer.server import TokenizerConfig
 
         self._sockets = tempfile.TemporaryDirectory(prefix="llmrpc-bench-")
 
         def start() -> Launcher:
-            config = stack_config(args, args.model, self._sockets.name, scheduler_port=free_port(),
-                                  worker_port=free_port(), log_level="warning")
+            scheduler_port = free_port()
+            front = (TokenizerConfig(model_path=tokenizer, port=free_port(), scheduler=f"127.0.0.1:{scheduler_port}")
+                     if tokenizer else None)
+            config = stack_config(args, args.model, self._sockets.name, scheduler_port=scheduler_port,
+                                  worker_port=free_port(), tokenizer=front, log_level="warning")
             config = config.with_scheduler(replace(config.scheduler, overlap_depth=overlap_depth,
                                                    decode_steps=decode_steps))
             return Launcher(config, log_dir=Path(args.log_dir)).start()
@@ -203,6 +210,10 @@ class Stack:
     @property
     def target(self) -> str:
         return self.launcher.child("scheduler").target
+
+    @property
+    def text_target(self) -> str:
+        return self.launcher.child("tokenizer").target
 
     @property
     def worker_target(self) -> str:

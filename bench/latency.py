@@ -110,13 +110,13 @@ async def measure_text(target: str, tokenizer_path: str, repeats: int) -> dict:
             req = pb.GenerateRequest(request_id=f"x{i}", text=text, stream=True,
                                      sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
             t0 = time.perf_counter()
-            first = None
+            arrivals = []
             async for resp in stub.Generate(req):
-                first = time.perf_counter() - t0 if first is None else first
+                arrivals.append(time.perf_counter() - t0)
                 if resp.HasField("usage") and i >= warm:
                     prompt_tokens.append(resp.usage.prompt_tokens)
             if i >= warm:
-                ttft.append(first)
+                ttft.append(arrivals[0])
     return {"ttft_ms": 1e3 * statistics.median(ttft), "ttft_all_ms": [1e3 * t for t in ttft],
             "prompt_tokens": sorted(set(prompt_tokens))}
 

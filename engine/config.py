@@ -19,6 +19,9 @@ _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # --kv-cache-dtype: auto stores K/V in the model dtype; fp8_e4m3 in torch.float8_e4m3fn, half of bf16's bytes.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 _KV_CACHE_TORCH_NAMES = {"fp8_e4m3": "float8_e4m3fn"}
+# --flashinfer-prefill: which of FlashInfer's kernel families runs prefill attention. auto: fa3 (FlashAttention-3's
+# Hopper kernels) on an sm90 GPU with a 16-bit KV cache, fa2 elsewhere (an FP8 pool is read by fa2's kernels).
+FLASHINFER_PREFILL = ("auto", "fa2", "fa3")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class EngineConfig:
     max_slots: int = 256
     max_context: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto: flashinfer on CUDA when importable, else torch
+    flashinfer_prefill: str = "auto"  # FLASHINFER_PREFILL: FlashInfer's prefill kernels (auto: fa3 on Hopper)
     cuda_graph_max_bs: int = 256  # decode steps up to this many rows replay CUDA graphs; 0: always eager
     prefill_graph_max_tokens: int = 4096  # prefill steps up to this many tokens replay piecewise graphs; 0: eager
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
@@ -63,6 +67,9 @@ class EngineConfig:
             raise ValueError(f"prefill_graph_max_tokens must be >= 0, got {self.prefill_graph_max_tokens}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.flashinfer_prefill not in FLASHINFER_PREFILL:
+            raise ValueError(f"flashinfer_prefill (--flashinfer-prefill) must be one of {', '.join(FLASHINFER_PREFILL)}, "
+                             f"got {self.flashinfer_prefill!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype (--kv-cache-dtype) must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

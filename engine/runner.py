@@ -160,8 +160,9 @@ class ModelRunner:
         self.kv_pool = KVPool(mc.num_hidden_layers, num_pages + int(config.is_cuda), config.page_size,
                               attn0.num_kv_heads, mc.head_dim, config.max_slots, self.max_context,
                               kv_dtype, self.device, compute_dtype=self.dtype)
+        options = {"prefill": config.flashinfer_prefill} if backend == "flashinfer" else {}
         self.attention = create_attention_backend(backend, config.device, kv_pool=self.kv_pool,
-                                                  scale=mc.head_dim ** -0.5, num_qo_heads=attn0.num_heads)
+                                                  scale=mc.head_dim ** -0.5, num_qo_heads=attn0.num_heads, **options)
         self.sampler = Sampler(config.max_slots, mc.vocab_size, self.device, config.seed)
         self.constraints = ConstraintTable(config.max_slots, mc.vocab_size, self.device)
         self._tokenizer: Any = None
@@ -174,7 +175,7 @@ class ModelRunner:
                    num_pages * config.page_size * bytes_per_token / 2**30)
         if config.is_cuda:
             self._warm_up(scratch_page=num_pages)
-            phase.done("kernels: FlashInfer modules loaded, Triton kernels compiled (one %s prefill)", backend)
+            phase.done("kernels: FlashInfer modules loaded, Triton kernels compiled (two %s prefills)", backend)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             from llmrpc.engine.cuda_graph import DecodeGraphs
@@ -209,20 +210,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up(self, scratch_page: int) -> None:
-        """One eager prefill of a few tokens into the scratch page, then one draw of each sampler: every
+        """Two eager prefills of a few tokens into the scratch page, the second after the first's tokens
+        (a cached prefix: a backend may run other kernels for it), then one draw of each sampler: every
         kernel module loads (FlashInfer builds what its JIT cache lacks) and every Triton kernel compiles
         before the worker reports ready, not inside the first request."""
         ps, device = self.config.page_size, self.device
-        n = min(ps, 8)
-        meta = AttentionMetadata(
-            page_size=ps, num_decode=0, qo_lens=np.array([n], np.int32), kv_lens=np.array([n], np.int32),
-            qo_indptr=np.array([0, n], np.int32), kv_indptr=np.array([0, 1], np.int32),
-            kv_last_page_len=np.array([n], np.int32),
-            kv_indices=torch.tensor([scratch_page], dtype=torch.int32, device=device),
-            out_loc=scratch_page * ps + torch.arange(n, device=device),
-            positions=torch.arange(n, device=device))
-        self.attention.plan(meta)
-        hidden = self.model(torch.zeros(n, dtype=torch.long, device=device), meta.positions, self.attention)
+        n = max(min(ps, 8) // 2, 1)
+        for cached in (0, n) if 2 * n <= ps else (0,):
+            meta = AttentionMetadata(
+                page_size=ps, num_decode=0, qo_lens=np.array([n], np.int32), kv_lens=np.array([cached + n], np.int32),
+                qo_indptr=np.array([0, n], np.int32), kv_indptr=np.array([0, 1], np.int32),
+                kv_last_page_len=np.array([cached + n], np.int32),
+                kv_indices=torch.tensor([scratch_page], dtype=torch.int32, device=device),
+                out_loc=scratch_page * ps + torch.arange(cached, cached + n, device=device),
+                positions=torch.arange(cached, cached + n, device=device))
+            self.attention.plan(meta)
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=device), meta.positions, self.attention)
         logits = self.model.compute_logits(hidden[-1:])
         self.sampler.warm_up(logits)
         if self.config.tp_rank == 0:

@@ -11,10 +11,11 @@ Prefill steps (no decode row) of up to `prefill_graph_max_tokens` tokens replay 
 too, piecewise (PrefillGraphs): an eager prefill costs the host more time launching its
 kernels than the GPU takes to run them (bench/profile_prefill.py), and everything but
 attention works token by token, so it can be captured at a padded token count. Each
-layer's work before and after attention is one graph; at each attention the graph copies
-q, k and v into fixed buffers, and between replays the K/V store and FlashInfer's prefill
-run eagerly on the step's own plan over the real tokens only, writing a fixed output the
-next graph reads. Padded tokens are computed and never attended to or stored. Mixed
+layer's work before and after attention is one graph; at each attention the graph stores
+the new K/V into the pages at a fixed `out_loc` buffer (padded tokens' into the scratch
+page) and copies q, k and v into fixed buffers; between replays only FlashInfer's prefill
+runs eagerly, on the step's own plan over the real tokens, writing straight into the fixed
+output the next graph reads. Padded tokens are computed and never attended to. Mixed
 steps run eagerly.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from llmrpc.engine.forward_batch import ForwardBatch
 from llmrpc.engine.kv_cache import KVPool
+from llmrpc.kernels import fused
 from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
@@ -133,9 +135,10 @@ def prefill_capture_sizes(max_tokens: int) -> list[int]:
 
 
 class _Cut(AttentionBackend):
-    """What a prefill graph is captured against: at each layer's attention, q, k and v go to the fixed
-    buffers, the layer's graph ends and the next begins; the returned output is the fixed buffer that
-    the eager attention fills between replays. Without `pool` nothing is captured (the warm-up)."""
+    """What a prefill graph is captured against: at each layer's attention, the new K/V go into the pages
+    at the fixed `out_loc` and q, k and v to the fixed buffers, the layer's graph ends and the next begins;
+    the returned output is the fixed buffer that the eager attention fills between replays. Without
+    `pool` nothing is captured (the warm-up)."""
 
     def __init__(self, graphs: PrefillGraphs, tokens: int, pool: object | None) -> None:
         self.graphs, self.tokens, self.pool = graphs, tokens, pool
@@ -159,6 +162,8 @@ class _Cut(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         g, n = self.graphs, self.tokens
+        pool = g.attention.kv_pool
+        fused.store_kv(pool.k[layer_id], pool.v[layer_id], g.out_loc[:n], k, v)
         g.q[:n].copy_(q)
         g.k[:n].copy_(k)
         g.v[:n].copy_(v)
@@ -171,12 +176,15 @@ class _Cut(AttentionBackend):
 class PrefillGraphs:
     """Piecewise graphs of prefill steps at each of `sizes` tokens (see the module docstring)."""
 
-    def __init__(self, model: LlamaForCausalLM, attention: AttentionBackend, max_tokens: int,
-                 device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, attention: FlashInferAttentionBackend, max_tokens: int,
+                 scratch_page: int, device: torch.device) -> None:
         self.model = model
         self.attention = attention
         self.sizes = prefill_capture_sizes(max_tokens)
         self.max_tokens = self.sizes[-1]
+        self.scratch_loc = scratch_page * attention.kv_pool.page_size
+        # Where each token's K/V go: the step's out_loc, then the scratch page's first slot for padded tokens.
+        self.out_loc = torch.full((self.max_tokens,), self.scratch_loc, dtype=torch.long, device=device)
         attn0 = cast("LlamaAttention", model.model.layers[0].self_attn)
         heads, kv_heads, head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
         dtype = model.lm_head.weight.dtype
@@ -224,9 +232,12 @@ class PrefillGraphs:
         n = batch.num_tokens
         self.input_ids[:n].copy_(batch.input_ids)  # stale ids and positions past n are harmless
         self.positions[:n].copy_(batch.positions)
+        self.out_loc[:n].copy_(batch.attention.out_loc)  # stale K/V targets are not
+        self.out_loc[n:size].fill_(self.scratch_loc)
+        q, k, v, o = self.q[:n], self.k[:n], self.v[:n], self.o[:n]
         segments, layers = self.segments[size], self.layers[size]
         for segment, layer_id in zip(segments, layers):
             segment.replay()
-            self.o[:n].copy_(self.attention.forward(self.q[:n], self.k[:n], self.v[:n], layer_id))
+            self.attention.attend(q, k, v, layer_id, out=o)
         segments[-1].replay()
         return self.hidden[size][:n]

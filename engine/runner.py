@@ -190,8 +190,8 @@ class ModelRunner:
             from llmrpc.engine.cuda_graph import PrefillGraphs
 
             try:
-                self.prefill_graphs = PrefillGraphs(self.model, self.attention, config.prefill_graph_max_tokens,
-                                                    self.device)
+                self.prefill_graphs = PrefillGraphs(self.model, cast("FlashInferAttentionBackend", self.attention),
+                                                    config.prefill_graph_max_tokens, num_pages, self.device)
                 phase.done("graph capture: prefill steps of up to %s tokens",
                            ",".join(map(str, self.prefill_graphs.sizes)))
             except RuntimeError as exc:  # a layer that cannot be captured (a host sync): prefills stay eager

@@ -8,7 +8,10 @@ no row has a cached prefix attends over the step's own K/V instead (the ragged
 kernel: no page gather). Prefill kernels are FlashAttention-3's Hopper ones (fa3) or
 fa2's, by `prefill` (EngineConfig.flashinfer_prefill): on an H200, fa3 takes a
 2,048-token prompt's attention from 100 to 47 µs a layer (bench/attention_backends.py).
-A pure decode step runs the batch decode kernel with tensor cores, which pays off for GQA.
+A pure decode step runs the batch decode kernel, on tensor cores when at least 4 query heads
+share each KV head (Qwen3-8B's 32/8: 217 against 301 µs a layer at 256 rows) and on CUDA cores
+below that (Qwen3-0.6B's 16/8: 210 against 216 µs), as mini-sglang chooses; an FP8 pool stays
+on tensor cores, the build its kernels were checked on.
 New K/V go into the pages at the step's `out_loc` in one launch (kernels/fused.py `store_kv`).
 
 With a float8 pool (--kv-cache-dtype fp8_e4m3) every wrapper is planned with
@@ -44,12 +47,13 @@ WORKSPACE_BYTES = 256 << 20
 class _GraphDecode:
     """A decode wrapper bound to fixed buffers for one captured batch size."""
 
-    def __init__(self, flashinfer, workspace: torch.Tensor, bs: int, max_pages: int, device: torch.device) -> None:
+    def __init__(self, flashinfer, workspace: torch.Tensor, bs: int, max_pages: int, device: torch.device,
+                 tensor_cores: bool) -> None:
         self.indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
         self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
         self.last_page_len = torch.ones(bs, dtype=torch.int32, device=device)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
             paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_page_len,
         )
@@ -59,12 +63,20 @@ class _GraphDecode:
         self.planned_once = False
 
 
+def _sixteen_bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype) -> str:
     """"fa3" or "fa2" for EngineConfig.flashinfer_prefill's `choice`; auto: fa3 on sm90 with a 16-bit pool."""
     if choice != "auto":
         return choice
-    sixteen_bit = kv_dtype in (torch.float16, torch.bfloat16)
-    return "fa3" if sixteen_bit and torch.cuda.get_device_capability(device) == (9, 0) else "fa2"
+    return "fa3" if _sixteen_bit(kv_dtype) and torch.cuda.get_device_capability(device) == (9, 0) else "fa2"
+
+
+def decode_on_tensor_cores(num_qo_heads: int, num_kv_heads: int, kv_dtype: torch.dtype) -> bool:
+    """Tensor-core decode for 4 or more query heads a KV head, or an FP8 pool; CUDA-core decode otherwise."""
+    return num_qo_heads // num_kv_heads >= 4 or not _sixteen_bit(kv_dtype)
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -80,19 +92,21 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.q_dtype = kv_pool.compute_dtype  # q's (and the output's): the model dtype
         self.device = kv_pool.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        # fa3's modules are a JIT build of their own (~1 min, once per cache); fa2's also serve tensor-core decode.
+        # fa3's modules are a JIT build of their own (~1 min, once per cache), as is CUDA-core decode.
         self.prefill_kernel = prefill_kernels(prefill, self.device, self.kv_dtype)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.decode_tensor_cores = decode_on_tensor_cores(num_qo_heads, self.num_kv_heads, self.kv_dtype)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                    use_tensor_cores=self.decode_tensor_cores)
         self._graphs: dict[int, _GraphDecode] = {}
         self._active = self.prefill
         self._out_loc: torch.Tensor | None = None
         self._eager_planned = {id(w): torch.cuda.Event() for w in (self.prefill, self.ragged, self.decode)}
-        log.info("FlashInfer attention: %s prefill kernels (ragged when nothing is cached), tensor-core decode",
-                 self.prefill_kernel)
+        log.info("FlashInfer attention: %s prefill kernels (ragged when nothing is cached), decode on %s cores",
+                 self.prefill_kernel, "tensor" if self.decode_tensor_cores else "CUDA")
 
     # ---- planning -----------------------------------------------------------------
 
@@ -133,7 +147,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     def init_graphs(self, batch_sizes: list[int], max_pages: int) -> None:
         """One graph-mode decode wrapper per batch size; `max_pages`: most pages one batch may list."""
         for bs in batch_sizes:
-            self._graphs[bs] = _GraphDecode(self._fi, self.workspace, bs, max_pages, self.device)
+            self._graphs[bs] = _GraphDecode(self._fi, self.workspace, bs, max_pages, self.device,
+                                            self.decode_tensor_cores)
 
     def plan_graph(self, metadata: AttentionMetadata, out_loc: torch.Tensor) -> None:
         """Plans the wrapper of a captured size (`metadata` is already padded to it); K/V go to `out_loc`,
@@ -154,12 +169,17 @@ class FlashInferAttentionBackend(AttentionBackend):
     # ---- per layer ------------------------------------------------------------------
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        k_cache, v_cache = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
         assert self._out_loc is not None, "plan() comes first"
-        fused.store_kv(k_cache, v_cache, self._out_loc, k, v)
+        fused.store_kv(self.kv_pool.k[layer_id], self.kv_pool.v[layer_id], self._out_loc, k, v)
+        return self.attend(q, k, v, layer_id)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The planned attention, this step's K/V already in the pages (`forward` stores them; the prefill
+        graphs store them inside their graphs); into `out` when given."""
         # FlashInfer reads q (and the ragged kernel k and v) through their strides: views into the QKV
         # output need no copy.
         q = q if q.stride(-1) == 1 else q.contiguous()
         if self._active is self.ragged:
-            return self.ragged.run(q, k, v)
-        return self._active.run(q, (k_cache, v_cache))
+            return self.ragged.run(q, k, v, out=out)
+        return self._active.run(q, (self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]), out=out)

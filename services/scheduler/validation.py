@@ -140,10 +140,10 @@ def build_requests(request: generation_pb2.GenerateRequest, request_id: str,
     if 0 < max_prompt_tokens < len(prompt):
         raise FieldError("tokens.ids", f"tokens.ids has {len(prompt)} tokens, more than this server's "
                                        f"--max-prompt-tokens {max_prompt_tokens}")
-    for i, t in enumerate(prompt):
-        if not 0 <= t < info.vocab_size:
-            raise FieldError(f"tokens.ids[{i}]", f"tokens.ids[{i}] = {t} is outside the vocabulary "
-                                                 f"[0, {info.vocab_size})")
+    vocab_size = info.vocab_size
+    if min(prompt) < 0 or max(prompt) >= vocab_size:  # two C loops; the index is looked for only when one is bad
+        i, t = next((i, t) for i, t in enumerate(prompt) if not 0 <= t < vocab_size)
+        raise FieldError(f"tokens.ids[{i}]", f"tokens.ids[{i}] = {t} is outside the vocabulary [0, {vocab_size})")
     sampling, limits = parse_sampling(request.sampling, info.vocab_size)
     requests = []
     for index in range(limits.n):

@@ -1,4 +1,4 @@
-"""Which of FlashInfer's prefill kernels the engine asks for (the kernels themselves run on a GPU:
+"""Which of FlashInfer's prefill and decode kernels the engine asks for (the kernels themselves run on a GPU:
 bench/attention_backends.py and bench/gpu_check.py)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmrpc.engine.config import FLASHINFER_PREFILL, EngineConfig
-from llmrpc.kernels.flashinfer_backend import prefill_kernels
+from llmrpc.kernels.flashinfer_backend import decode_on_tensor_cores, prefill_kernels
 from llmrpc.services.cli import build_parser, command_line, engine_config
 
 
@@ -31,3 +31,10 @@ def test_the_flag_reaches_the_worker_command_line() -> None:
     argv, _ = command_line("worker", config)
     assert argv[argv.index("--flashinfer-prefill") + 1] == "fa2"
     assert build_parser().parse_args(argv[argv.index("worker"):]).flashinfer_prefill == "fa2"
+
+
+def test_decode_runs_on_tensor_cores_from_four_query_heads_a_kv_head() -> None:
+    assert not decode_on_tensor_cores(16, 8, torch.bfloat16)  # Qwen3-0.6B
+    assert decode_on_tensor_cores(32, 8, torch.bfloat16)  # Qwen3-8B, Llama-3.1-8B
+    assert not decode_on_tensor_cores(8, 8, torch.float16)  # no GQA
+    assert decode_on_tensor_cores(16, 8, torch.float8_e4m3fn)  # an FP8 pool: the kernels it was checked on

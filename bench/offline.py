@@ -40,7 +40,8 @@ def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
         "output_tokens_per_s": round(tok_s, 1), "tp": 1, "gpu": gpu, "hardware": hardware(gpu=gpu),
         "command": " ".join(["python -m llmrpc.bench.offline", *sys.argv[1:]]),
         "commit": args.commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "prefill_graph_max_tokens": args.prefill_graph_max_tokens, **extra,
+        "prefill_graph_max_tokens": args.prefill_graph_max_tokens, "flashinfer_prefill": args.flashinfer_prefill,
+        "flashinfer_decode": args.flashinfer_decode, **extra,
     }
 
 

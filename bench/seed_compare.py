@@ -20,8 +20,12 @@ SEED_COMMIT = "mini-sglang 20fcd7f (shared/anchors)"
 
 
 def seed_result(log: Path) -> dict:
-    lines = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT "):]) if lines else {}
+    """Every `RESULT {json}` line of the log merged, later ones first (one run per workload may write each)."""
+    merged: dict = {}
+    for line in log.read_text().splitlines():
+        if line.startswith("RESULT "):
+            merged.update(json.loads(line[len("RESULT "):]))
+    return merged
 
 
 def _load(path: Path | None) -> list[dict]:

@@ -22,6 +22,9 @@ _KV_CACHE_TORCH_NAMES = {"fp8_e4m3": "float8_e4m3fn"}
 # --flashinfer-prefill: which of FlashInfer's kernel families runs prefill attention. auto: fa3 (FlashAttention-3's
 # Hopper kernels) on an sm90 GPU with a 16-bit KV cache, fa2 elsewhere (an FP8 pool is read by fa2's kernels).
 FLASHINFER_PREFILL = ("auto", "fa2", "fa3")
+# --flashinfer-decode: FlashInfer's decode kernels on tensor cores or CUDA cores. auto: tensor cores from 4 query
+# heads a KV head (or with an FP8 pool), CUDA cores below (kernels/flashinfer_backend.py decode_on_tensor_cores).
+FLASHINFER_DECODE = ("auto", "tensor-cores", "cuda-cores")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class EngineConfig:
     max_context: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto: flashinfer on CUDA when importable, else torch
     flashinfer_prefill: str = "auto"  # FLASHINFER_PREFILL: FlashInfer's prefill kernels (auto: fa3 on Hopper)
+    flashinfer_decode: str = "auto"  # FLASHINFER_DECODE: FlashInfer's decode kernels (auto: by heads per KV head)
     cuda_graph_max_bs: int = 256  # decode steps up to this many rows replay CUDA graphs; 0: always eager
     prefill_graph_max_tokens: int = 4096  # prefill steps up to this many tokens replay piecewise graphs; 0: eager
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
@@ -70,6 +74,9 @@ class EngineConfig:
         if self.flashinfer_prefill not in FLASHINFER_PREFILL:
             raise ValueError(f"flashinfer_prefill (--flashinfer-prefill) must be one of {', '.join(FLASHINFER_PREFILL)}, "
                              f"got {self.flashinfer_prefill!r}")
+        if self.flashinfer_decode not in FLASHINFER_DECODE:
+            raise ValueError(f"flashinfer_decode (--flashinfer-decode) must be one of {', '.join(FLASHINFER_DECODE)}, "
+                             f"got {self.flashinfer_decode!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype (--kv-cache-dtype) must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

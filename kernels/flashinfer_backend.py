@@ -74,13 +74,17 @@ def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype) ->
     return "fa3" if _sixteen_bit(kv_dtype) and torch.cuda.get_device_capability(device) == (9, 0) else "fa2"
 
 
-def decode_on_tensor_cores(num_qo_heads: int, num_kv_heads: int, kv_dtype: torch.dtype) -> bool:
-    """Tensor-core decode for 4 or more query heads a KV head, or an FP8 pool; CUDA-core decode otherwise."""
+def decode_on_tensor_cores(choice: str, num_qo_heads: int, num_kv_heads: int, kv_dtype: torch.dtype) -> bool:
+    """EngineConfig.flashinfer_decode's `choice`; auto: tensor cores for 4 or more query heads a KV head, or an
+    FP8 pool, CUDA cores otherwise."""
+    if choice != "auto":
+        return choice == "tensor-cores"
     return num_qo_heads // num_kv_heads >= 4 or not _sixteen_bit(kv_dtype)
 
 
 class FlashInferAttentionBackend(AttentionBackend):
-    def __init__(self, kv_pool: KVPool, scale: float, num_qo_heads: int, prefill: str = "auto") -> None:
+    def __init__(self, kv_pool: KVPool, scale: float, num_qo_heads: int, prefill: str = "auto",
+                 decode: str = "auto") -> None:
         import flashinfer
 
         self._fi = flashinfer
@@ -98,7 +102,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                                                                       backend=self.prefill_kernel)
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
-        self.decode_tensor_cores = decode_on_tensor_cores(num_qo_heads, self.num_kv_heads, self.kv_dtype)
+        self.decode_tensor_cores = decode_on_tensor_cores(decode, num_qo_heads, self.num_kv_heads, self.kv_dtype)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=self.decode_tensor_cores)
         self._graphs: dict[int, _GraphDecode] = {}

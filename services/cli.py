@@ -140,7 +140,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
     """How each worker rank runs the model: EngineConfig's fields (`serve` passes them to every rank)."""
-    from llmrpc.engine.config import FLASHINFER_PREFILL, KV_CACHE_DTYPES
+    from llmrpc.engine.config import FLASHINFER_DECODE, FLASHINFER_PREFILL, KV_CACHE_DTYPES
     from llmrpc.kernels import attention_backend_names
 
     g = p.add_argument_group("engine", "how each worker rank runs the model")
@@ -162,6 +162,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
         g.add_argument("--flashinfer-prefill", default=_env("flashinfer_prefill", "auto"), choices=FLASHINFER_PREFILL,
                        help="FlashInfer's prefill kernels: fa3 (Hopper), fa2, or auto (fa3 on Hopper with a 16-bit "
                             "KV cache, else fa2)"),
+        g.add_argument("--flashinfer-decode", default=_env("flashinfer_decode", "auto"), choices=FLASHINFER_DECODE,
+                       help="FlashInfer's decode kernels: on tensor cores, on CUDA cores, or auto (tensor cores from "
+                            "4 query heads a KV head, CUDA cores below)"),
         g.add_argument("--cuda-graph-max-bs", type=int, default=_env("cuda_graph_max_bs", 256),
                        help="decode steps up to this many rows replay CUDA graphs (0: never)"),
         g.add_argument("--prefill-graph-max-tokens", type=_non_negative_int,

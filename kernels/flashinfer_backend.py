@@ -8,10 +8,11 @@ no row has a cached prefix attends over the step's own K/V instead (the ragged
 kernel: no page gather). Prefill kernels are FlashAttention-3's Hopper ones (fa3) or
 fa2's, by `prefill` (EngineConfig.flashinfer_prefill): on an H200, fa3 takes a
 2,048-token prompt's attention from 100 to 47 µs a layer (bench/attention_backends.py).
-A pure decode step runs the batch decode kernel, on tensor cores when at least 4 query heads
-share each KV head (Qwen3-8B's 32/8: 217 against 301 µs a layer at 256 rows) and on CUDA cores
-below that (Qwen3-0.6B's 16/8: 210 against 216 µs), as mini-sglang chooses; an FP8 pool stays
-on tensor cores, the build its kernels were checked on.
+A pure decode step runs the batch decode kernel on tensor cores (`decode`: EngineConfig.flashinfer_decode).
+CUDA cores, which mini-sglang takes below 4 query heads a KV head, measured 3% faster for one
+layer's kernel at 256 rows on Qwen3-0.6B's 16/8 heads (bench/attention_backends.py) but 5% slower
+over the offline workload, captured in decode graphs (run 22); on Qwen3-8B's 32/8 they are 39%
+slower for the kernel alone.
 New K/V go into the pages at the step's `out_loc` in one launch (kernels/fused.py `store_kv`).
 
 With a float8 pool (--kv-cache-dtype fp8_e4m3) every wrapper is planned with
@@ -63,23 +64,17 @@ class _GraphDecode:
         self.planned_once = False
 
 
-def _sixteen_bit(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
-
-
 def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype) -> str:
     """"fa3" or "fa2" for EngineConfig.flashinfer_prefill's `choice`; auto: fa3 on sm90 with a 16-bit pool."""
     if choice != "auto":
         return choice
-    return "fa3" if _sixteen_bit(kv_dtype) and torch.cuda.get_device_capability(device) == (9, 0) else "fa2"
+    sixteen_bit = kv_dtype in (torch.float16, torch.bfloat16)
+    return "fa3" if sixteen_bit and torch.cuda.get_device_capability(device) == (9, 0) else "fa2"
 
 
-def decode_on_tensor_cores(choice: str, num_qo_heads: int, num_kv_heads: int, kv_dtype: torch.dtype) -> bool:
-    """EngineConfig.flashinfer_decode's `choice`; auto: tensor cores for 4 or more query heads a KV head, or an
-    FP8 pool, CUDA cores otherwise."""
-    if choice != "auto":
-        return choice == "tensor-cores"
-    return num_qo_heads // num_kv_heads >= 4 or not _sixteen_bit(kv_dtype)
+def decode_on_tensor_cores(choice: str) -> bool:
+    """EngineConfig.flashinfer_decode's `choice`: auto is tensor cores."""
+    return choice != "cuda-cores"
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -102,7 +97,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                                                                       backend=self.prefill_kernel)
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
-        self.decode_tensor_cores = decode_on_tensor_cores(decode, num_qo_heads, self.num_kv_heads, self.kv_dtype)
+        self.decode_tensor_cores = decode_on_tensor_cores(decode)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=self.decode_tensor_cores)
         self._graphs: dict[int, _GraphDecode] = {}

@@ -163,8 +163,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
                        help="FlashInfer's prefill kernels: fa3 (Hopper), fa2, or auto (fa3 on Hopper with a 16-bit "
                             "KV cache, else fa2)"),
         g.add_argument("--flashinfer-decode", default=_env("flashinfer_decode", "auto"), choices=FLASHINFER_DECODE,
-                       help="FlashInfer's decode kernels: on tensor cores, on CUDA cores, or auto (tensor cores from "
-                            "4 query heads a KV head, CUDA cores below)"),
+                       help="FlashInfer's decode kernels: on tensor cores, on CUDA cores, or auto (tensor cores)"),
         g.add_argument("--cuda-graph-max-bs", type=int, default=_env("cuda_graph_max_bs", 256),
                        help="decode steps up to this many rows replay CUDA graphs (0: never)"),
         g.add_argument("--prefill-graph-max-tokens", type=_non_negative_int,

@@ -20,7 +20,7 @@ import grpc
 
 from llmrpc.engine.constraint import Constraint
 from llmrpc.engine.step import Step, StepOutput
-from llmrpc.services import rpc
+from llmrpc.services import rpc, trace
 from llmrpc.services.auth import Security
 from llmrpc.services.contract import FINISH_REASONS
 from llmrpc.services.messages import to_message
@@ -194,6 +194,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        trace.point("scheduler: request in")
         request_id = request.request_id or uuid.uuid4().hex
         try:
             requests = await self._admit(request, request_id)
@@ -204,6 +205,7 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
         index_of = {req.request_id: i for i, req in enumerate(requests)}
         for req in requests:
             self._streams[req.request_id] = listener
+        trace.point("scheduler: admitted")
         self._wake.set()
         open_ids = set(index_of)
         started: set[int] = set()
@@ -392,10 +394,14 @@ class SchedulerService(generation_pb2_grpc.GenerationServicer):
 
     async def _drive(self, group: WorkerGroup, core: Scheduler) -> None:
         async def send(step: Step) -> None:
+            trace.point("scheduler: step built")
             await group.send(encode_step(step))
+            trace.point("scheduler: step sent")
 
         async def receive() -> StepOutput:
-            return decode_output(await group.receive())
+            result = await group.receive()
+            trace.point("scheduler: result in")
+            return decode_output(result)
 
         async def idle() -> None:
             self._wake.clear()

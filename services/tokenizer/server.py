@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmrpc.services import rpc
+from llmrpc.services import rpc, trace
 from llmrpc.services.auth import Security
 from llmrpc.services.contract import Limits, check_request_id
 from llmrpc.services.messages import from_message
@@ -88,6 +88,7 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
         Closing the iterator early (client gone) cancels the scheduler's call, which frees
         the request's KV pages at once.
         """
+        trace.point("tokenizer: request in")
         prompts = self.prompts
         if prompts is None:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading", reason="LOADING")
@@ -95,6 +96,7 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
         sampling = request.sampling
         check_request_id(request_id)
         prompt = self._prompt_ids(prompts, request)
+        trace.point("tokenizer: encoded")
         for i, stop in enumerate(sampling.stop):
             if not stop:
                 raise InputError(f"sampling.stop[{i}]", f"sampling.stop[{i}] is empty")
@@ -121,6 +123,7 @@ class TokenizerServicer(generation_pb2_grpc.GenerationServicer):
         call = self._scheduler.Generate(upstream, timeout=timeout)
         try:
             async for response in call:
+                trace.point("tokenizer: scheduler's message in")
                 completion = completions.get(response.index)
                 if completion is None:
                     raise StatusError(grpc.StatusCode.INTERNAL,

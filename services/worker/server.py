@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 
 from llmrpc.engine.config import EngineConfig
-from llmrpc.services import rpc
+from llmrpc.services import rpc, trace
 from llmrpc.services.auth import Security
 from llmrpc.services.messages import to_message
 from llmrpc.engine.constraint import ConstraintError
@@ -74,6 +74,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _launch(self, step):
         """ModelRunner.launch on the compute thread; with several ranks a failure ends the process."""
+        trace.point("worker: launch")
         try:
             return self._runner.launch(step)
         except Exception:
@@ -123,6 +124,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         async def receive() -> None:
             try:
                 async for command in request_iterator:
+                    trace.point("worker: step in")
                     step = decode_step(command)
                     pending.put_nowait(loop.run_in_executor(self._compute, self._launch, step))
             finally:
@@ -136,12 +138,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     break
                 try:
                     launched = await future
+                    trace.point("worker: launched")
                     output = (launched.result() if launched.done()
                               else await loop.run_in_executor(self._results, launched.result))
                 except Exception as exc:  # a failed step ends the stream loudly
                     log.exception("step failed")
                     await StatusError(grpc.StatusCode.INTERNAL, f"step failed: {exc!r}",
                                       reason="STEP_FAILED").abort(context)
+                trace.point("worker: tokens on the host")
                 yield encode_output(output)
         finally:
             receiver.cancel()

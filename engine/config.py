@@ -74,6 +74,9 @@ class EngineConfig:
         if self.flashinfer_prefill not in FLASHINFER_PREFILL:
             raise ValueError(f"flashinfer_prefill (--flashinfer-prefill) must be one of {', '.join(FLASHINFER_PREFILL)}, "
                              f"got {self.flashinfer_prefill!r}")
+        if self.flashinfer_prefill == "fa3" and self.kv_cache_dtype != "auto":
+            raise ValueError(f"flashinfer_prefill (--flashinfer-prefill) fa3 reads a 16-bit KV cache only, not "
+                             f"kv_cache_dtype (--kv-cache-dtype) {self.kv_cache_dtype}: use fa2 or auto")
         if self.flashinfer_decode not in FLASHINFER_DECODE:
             raise ValueError(f"flashinfer_decode (--flashinfer-decode) must be one of {', '.join(FLASHINFER_DECODE)}, "
                              f"got {self.flashinfer_decode!r}")

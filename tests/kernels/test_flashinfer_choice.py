@@ -15,6 +15,9 @@ def test_the_choice_is_validated_by_name() -> None:
     assert FLASHINFER_PREFILL == ("auto", "fa2", "fa3")
     with pytest.raises(ValueError, match=r"flashinfer_prefill \(--flashinfer-prefill\) must be one of auto, fa2, fa3"):
         EngineConfig(model_path="m", flashinfer_prefill="fa4")
+    with pytest.raises(ValueError, match=r"fa3 reads a 16-bit KV cache only, not kv_cache_dtype \(--kv-cache-dtype\)"):
+        EngineConfig(model_path="m", flashinfer_prefill="fa3", kv_cache_dtype="fp8_e4m3")
+    assert EngineConfig(model_path="m", flashinfer_prefill="auto", kv_cache_dtype="fp8_e4m3").flashinfer_prefill == "auto"
 
 
 def test_an_explicit_choice_is_kept_and_an_fp8_pool_reads_through_fa2() -> None:

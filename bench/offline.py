@@ -139,11 +139,15 @@ def bench_engine(args: argparse.Namespace, workload: Workload) -> list[dict]:
 
 def int_list(low: int):
     """`1,2,3` as a list of ints, each >= low (`--overlap-depths`, `--decode-steps-list`)."""
+    from llmrpc.services.cli import int_at_least
+
+    one = int_at_least(low)
+
     def parse(text: str) -> list[int]:
-        values = [int(d) for d in text.split(",")]
-        if not values or min(values) < low:
-            raise argparse.ArgumentTypeError(f"a comma-separated list of integers >= {low}, got {text!r}")
-        return values
+        try:
+            return [one(d) for d in text.split(",")]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"a comma-separated list of integers >= {low}, got {text!r}") from None
     return parse
 
 

@@ -50,7 +50,8 @@ def _env(name: str, default: Any) -> Any:
     return value
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= low (bench/offline.py's int_list takes lists of them)."""
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
@@ -59,7 +60,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-_non_negative_int, _positive_int = _int_at_least(0), _int_at_least(1)
+_non_negative_int, _positive_int = int_at_least(0), int_at_least(1)
 
 
 def _setup_logging(level: str) -> None:

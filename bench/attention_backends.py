@@ -1,12 +1,13 @@
 """FlashInfer's attention kernels at llmrpc's shapes: which kernel each kind of step should run, measured.
 
 prefill  one 2,048-token prompt with nothing cached, and a 1,024-token chunk after a cached 1,024-token
-         prefix (one layer's attention, 16-token pages): the paged wrapper on fa2 (what the engine runs)
-         and on fa3, and, for the uncached prompt, the ragged wrapper over the chunk's own K/V on fa2 and fa3
-decode   B rows of C tokens of context each: tensor-core decode (what the engine runs) and CUDA-core
+         prefix (one layer's attention, 16-token pages): the paged wrapper on fa2 (the engine's kernel
+         before fa3) and on fa3, and, for the uncached prompt, the ragged wrapper over the chunk's own K/V
+         (contiguous here; the engine passes views into its QKV output) on fa2 and fa3
+decode   B rows of C tokens of context each: tensor-core decode (the engine's default) and CUDA-core
          decode, each with FlashInfer's split-KV and without it (disable_split_kv)
 
-Every variant's output is compared with the engine's kernel's (max abs difference; bf16 rounding is
+Every variant's output is compared with the first variant's (max abs difference; bf16 rounding is
 ~1e-2); a variant that does not build or run is reported with its error. Times: device µs per call from a
 CUDA graph of 28 calls (one per layer) replayed under triton's do_bench, as bench/kernel_check.py times its
 ops; `first_call_s` is the first call's wall time, which holds FlashInfer's JIT build on a cold cache.

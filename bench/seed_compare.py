@@ -20,7 +20,8 @@ SEED_COMMIT = "mini-sglang 20fcd7f (shared/anchors)"
 
 
 def seed_result(log: Path) -> dict:
-    """Every `RESULT {json}` line of the log merged, later ones first (one run per workload may write each)."""
+    """Every `RESULT {json}` line of the log merged, a later line's keys winning (one run per workload may
+    write each)."""
     merged: dict = {}
     for line in log.read_text().splitlines():
         if line.startswith("RESULT "):

@@ -23,6 +23,7 @@ from llmrpc.bench.latency import TTFT_PROMPT, _texts, build_parser
 from llmrpc.bench.offline import Stack
 
 WARM = 5  # requests before the timed ones: JIT, graphs, allocator
+FIRST = "client: first message"
 
 
 async def _send(target: str, inputs: list, kind: str, points: list[tuple[float, str]]) -> None:
@@ -38,18 +39,24 @@ async def _send(target: str, inputs: list, kind: str, points: list[tuple[float, 
                                      sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                                      **({"text": x} if kind == "text" else {"tokens": pb.TokenIds(ids=x)}))
             points.append((time.time(), f"client: {kind} sent"))
+            first = True
             async for _ in stub.Generate(req):
-                points.append((time.time(), "client: first message"))
+                if first:
+                    points.append((time.time(), FIRST))
+                    first = False
             await asyncio.sleep(0.03)  # idle between requests, as bench/latency.py's TTFT is
 
 
 def hops(points: list[tuple[float, str]], kind: str) -> tuple[float, list[tuple[str, float]]]:
-    """(median TTFT ms, [(point, median ms since the point before)]) over the timed requests of `kind`."""
+    """(median TTFT ms, [(point, median ms since the point before)]) over the timed requests of `kind`.
+
+    A request's points run from its send to its first message; points after that (an overlapped step's
+    result, the rest of the stream) belong to no first token and are dropped."""
     requests: list[tuple[str, list[tuple[float, str]]]] = []
     for t, name in sorted(points):
         if name.startswith("client: ") and name.endswith(" sent"):
             requests.append((name, [(t, name)]))
-        elif requests:
+        elif requests and requests[-1][1][-1][1] != FIRST:
             requests[-1][1].append((t, name))
     timed = [r for name, r in requests if name == f"client: {kind} sent"][WARM:]
     gaps: dict[str, list[float]] = collections.defaultdict(list)

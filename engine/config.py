@@ -23,7 +23,7 @@ _KV_CACHE_TORCH_NAMES = {"fp8_e4m3": "float8_e4m3fn"}
 # Hopper kernels) on an sm90 GPU with a 16-bit KV cache, fa2 elsewhere (an FP8 pool is read by fa2's kernels).
 FLASHINFER_PREFILL = ("auto", "fa2", "fa3")
 # --flashinfer-decode: FlashInfer's decode kernels on tensor cores or CUDA cores. auto: tensor cores, the faster
-# over whole workloads on Qwen3-0.6B and -8B alike (kernels/flashinfer_backend.py).
+# over the offline workload on Qwen3-0.6B and for the kernel alone on Qwen3-8B (kernels/flashinfer_backend.py).
 FLASHINFER_DECODE = ("auto", "tensor-cores", "cuda-cores")
 
 

@@ -162,8 +162,8 @@ class _Cut(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         g, n = self.graphs, self.tokens
-        pool = g.attention.kv_pool
-        fused.store_kv(pool.k[layer_id], pool.v[layer_id], g.out_loc[:n], k, v)
+        kv = g.attention.kv_pool
+        fused.store_kv(kv.k[layer_id], kv.v[layer_id], g.out_loc[:n], k, v)
         g.q[:n].copy_(q)
         g.k[:n].copy_(k)
         g.v[:n].copy_(v)

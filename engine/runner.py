@@ -175,8 +175,8 @@ class ModelRunner:
                    num_pages * config.page_size, config.kv_cache_dtype_name,
                    num_pages * config.page_size * bytes_per_token / 2**30)
         if config.is_cuda:
-            self._warm_up(scratch_page=num_pages)
-            phase.done("kernels: FlashInfer modules loaded, Triton kernels compiled (two %s prefills)", backend)
+            prefills = self._warm_up(scratch_page=num_pages)
+            phase.done("kernels: FlashInfer modules loaded, Triton kernels compiled (%d %s prefills)", prefills, backend)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             from llmrpc.engine.cuda_graph import DecodeGraphs
@@ -210,14 +210,16 @@ class ModelRunner:
                  phase.total)
 
     @torch.inference_mode()
-    def _warm_up(self, scratch_page: int) -> None:
+    def _warm_up(self, scratch_page: int) -> int:
         """Two eager prefills of a few tokens into the scratch page, the second after the first's tokens
-        (a cached prefix: a backend may run other kernels for it), then one draw of each sampler: every
-        kernel module loads (FlashInfer builds what its JIT cache lacks) and every Triton kernel compiles
-        before the worker reports ready, not inside the first request."""
+        (a cached prefix: a backend may run other kernels for it; with one-token pages only the first
+        fits), then one draw of each sampler: every kernel module loads (FlashInfer builds what its JIT
+        cache lacks) and every Triton kernel compiles before the worker reports ready, not inside the first
+        request. Returns how many prefills ran."""
         ps, device = self.config.page_size, self.device
         n = max(min(ps, 8) // 2, 1)
-        for cached in (0, n) if 2 * n <= ps else (0,):
+        cached_lens = (0, n) if 2 * n <= ps else (0,)
+        for cached in cached_lens:
             meta = AttentionMetadata(
                 page_size=ps, num_decode=0, qo_lens=np.array([n], np.int32), kv_lens=np.array([cached + n], np.int32),
                 qo_indptr=np.array([0, n], np.int32), kv_indptr=np.array([0, 1], np.int32),
@@ -232,6 +234,7 @@ class ModelRunner:
         if self.config.tp_rank == 0:
             self.constraints.warm_up(logits)
         torch.cuda.synchronize(device)
+        return len(cached_lens)
 
     # ---- constrained decoding ---------------------------------------------------
 

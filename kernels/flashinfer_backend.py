@@ -3,11 +3,12 @@
 A step with prefill chunks (alone or mixed with decode rows) runs FlashInfer's
 batch prefill kernel over the pages, causal within each row's new tokens and
 open over its cached prefix (FlashInfer aligns the causal mask to the end of the
-KV, which is exactly "query i sits at position prefix + i"). A prefill step in which
-no row has a cached prefix attends over the step's own K/V instead (the ragged
-kernel: no page gather). Prefill kernels are FlashAttention-3's Hopper ones (fa3) or
-fa2's, by `prefill` (EngineConfig.flashinfer_prefill): on an H200, fa3 takes a
-2,048-token prompt's attention from 100 to 47 µs a layer (bench/attention_backends.py).
+KV, which is exactly "query i sits at position prefix + i"). With a 16-bit pool, a
+prefill step in which no row has a cached prefix attends over the step's own K/V
+instead (the ragged kernel: no page gather). Prefill kernels are FlashAttention-3's
+Hopper ones (fa3) or fa2's, by `prefill` (EngineConfig.flashinfer_prefill): on an H200,
+fa3 takes a 2,048-token prompt's attention from 100 to 47 µs a layer
+(bench/attention_backends.py). fa3 builds head dims 64, 128 and 256; auto takes fa2 for others.
 A pure decode step runs the batch decode kernel on tensor cores (`decode`: EngineConfig.flashinfer_decode).
 CUDA cores, which mini-sglang takes below 4 query heads a KV head, measured 3% faster for one
 layer's kernel at 256 rows on Qwen3-0.6B's 16/8 heads (bench/attention_backends.py) but 5% slower
@@ -15,9 +16,10 @@ over the offline workload, captured in decode graphs (run 22); on Qwen3-8B's 32/
 slower for the kernel alone.
 New K/V go into the pages at the step's `out_loc` in one launch (kernels/fused.py `store_kv`).
 
-With a float8 pool (--kv-cache-dtype fp8_e4m3) every wrapper is planned with
-`kv_data_type` float8_e4m3fn and `q_data_type` the model dtype: FlashInfer's FP8
-paged attention (fa2 kernels, scale 1.0) reads the pages as they are stored.
+With a float8 pool (--kv-cache-dtype fp8_e4m3) every wrapper reads the pages, planned with
+`kv_data_type` float8_e4m3fn and `q_data_type` the model dtype: FlashInfer's FP8 paged
+attention (fa2 kernels, scale 1.0) reads them as they are stored. The ragged kernel is not
+used then, so a prompt attends over the same FP8 values whether its prefix was cached or not.
 
 For CUDA graphs the backend keeps one decode wrapper per captured batch size,
 each with fixed index buffers that `plan_graph()` refills before a replay; the
@@ -64,12 +66,23 @@ class _GraphDecode:
         self.planned_once = False
 
 
-def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype) -> str:
-    """"fa3" or "fa2" for EngineConfig.flashinfer_prefill's `choice`; auto: fa3 on sm90 with a 16-bit pool."""
-    if choice != "auto":
+FA3_HEAD_DIMS = (64, 128, 256)
+
+
+def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> str:
+    """"fa3" or "fa2" for EngineConfig.flashinfer_prefill's `choice`; auto: fa3 on sm90 with a 16-bit pool
+    and a head dim fa3 builds. An explicit fa3 this GPU cannot run is refused, naming the flag."""
+    if choice == "fa2":
         return choice
-    sixteen_bit = kv_dtype in (torch.float16, torch.bfloat16)
-    return "fa3" if sixteen_bit and torch.cuda.get_device_capability(device) == (9, 0) else "fa2"
+    if choice == "auto" and (kv_dtype not in (torch.float16, torch.bfloat16) or head_dim not in FA3_HEAD_DIMS):
+        return "fa2"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) == (9, 0) and head_dim in FA3_HEAD_DIMS:
+        return "fa3"
+    if choice == "fa3":
+        raise ValueError(f"flashinfer_prefill (--flashinfer-prefill) fa3 needs an sm90 (Hopper) GPU and a head dim in "
+                         f"{FA3_HEAD_DIMS}, not sm{major}{minor} and {head_dim}: use fa2 or auto")
+    return "fa2"
 
 
 def decode_on_tensor_cores(choice: str) -> bool:
@@ -92,7 +105,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.device = kv_pool.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa3's modules are a JIT build of their own (~1 min, once per cache), as is CUDA-core decode.
-        self.prefill_kernel = prefill_kernels(prefill, self.device, self.kv_dtype)
+        self.prefill_kernel = prefill_kernels(prefill, self.device, self.kv_dtype, self.head_dim)
+        self._ragged_ok = self.kv_dtype in (torch.float16, torch.bfloat16)  # an FP8 pool is always read (above)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
@@ -104,8 +118,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._active = self.prefill
         self._out_loc: torch.Tensor | None = None
         self._eager_planned = {id(w): torch.cuda.Event() for w in (self.prefill, self.ragged, self.decode)}
-        log.info("FlashInfer attention: %s prefill kernels (ragged when nothing is cached), decode on %s cores",
-                 self.prefill_kernel, "tensor" if self.decode_tensor_cores else "CUDA")
+        log.info("FlashInfer attention: %s prefill kernels%s, decode on %s cores", self.prefill_kernel,
+                 " (ragged when nothing is cached)" if self._ragged_ok else "",
+                 "tensor" if self.decode_tensor_cores else "CUDA")
 
     # ---- planning -----------------------------------------------------------------
 
@@ -124,7 +139,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
                          self.head_dim, self.page_size, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
                          sm_scale=self.scale)
-        elif np.array_equal(m.qo_lens, m.kv_lens):  # nothing cached: the step's own K/V are all it attends to
+        elif self._ragged_ok and np.array_equal(m.qo_lens, m.kv_lens):  # nothing cached: its own K/V are all
             wrapper = self.ragged
             self._eager_planned[id(wrapper)].synchronize()
             qo_indptr = torch.from_numpy(np.ascontiguousarray(m.qo_indptr, dtype=np.int32))

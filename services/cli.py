@@ -132,6 +132,9 @@ _SECRETS = frozenset({"api_key"})
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
+    p.add_argument("--trace", action="store_true", default=_env("trace", False),
+                   help="print a timestamped TRACE line at each hop of every request (services/trace.py; "
+                        "bench/trace_ttft.py reads them)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -621,6 +624,11 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if args.trace:
+        from llmrpc.services import trace
+
+        trace.enable()
+        os.environ["LLMRPC_TRACE"] = "1"  # the services `llmrpc serve` starts trace too
     try:
         args.func(args)
     except KeyboardInterrupt:

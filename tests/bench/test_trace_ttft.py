@@ -16,7 +16,8 @@ def test_hops_are_medians_of_the_gaps_between_points() -> None:
     for i in range(trace_ttft.WARM + 2):
         t = 100.0 * i
         points += [(t, "client: tokens sent"), (t + 0.001, "scheduler: request in"),
-                   (t + 0.001 + 0.002 * (i + 1), "client: first message")]
+                   (t + 0.001 + 0.002 * (i + 1), "client: first message"),
+                   (t + 0.5, "scheduler: result in")]  # after the first token: no part of it
     ttft, rows = trace_ttft.hops(points, "tokens")
     names = [name for name, _ in rows]
     assert names == ["scheduler: request in", "client: first message"]
@@ -29,7 +30,7 @@ def test_the_stack_reports_every_point(tmp_path: Path, default_model_dir: Path, 
     monkeypatch.setattr(sys, "argv", ["trace_ttft", "--model", str(model), "--device", "cpu", "--load-format", "auto",
                                       "--cuda-graph-max-bs", "0", "--max-running-requests", "4", "--max-context",
                                       "4096", "--tokenizer", str(model), "--requests", "2", "--log-dir", str(tmp_path)])
-    monkeypatch.setenv("LLMRPC_TRACE", "0")  # restored when the test ends, after main() turns it on
+    monkeypatch.setenv("LLMRPC_TRACE", "0")  # restored when the test ends, after main() turns it on for the children
     trace_ttft.main()
     out = capsys.readouterr().out
     tokens, text = out.split("text in:")

@@ -179,14 +179,14 @@ class Stack:
     """`llmrpc worker` and `llmrpc scheduler` on this run's engine and scheduler flags, started by the
     launcher (services/launcher.py) on free ports, the worker on a unix socket; `target` takes tokens.
     With `tokenizer` (a directory of tokenizer files, or a .gguf) an `llmrpc tokenizer` front runs too,
-    and `text_target` takes text.
+    and `text_target` takes text; with `trace`, every child prints services/trace.py's points.
 
     `use` swaps in a scheduler with another overlap depth or decode passes; the
     worker (its weights and CUDA graphs) stays, and takes the new scheduler's step stream.
     """
 
     def __init__(self, args: argparse.Namespace, overlap_depth: int = 2, decode_steps: int = 1,
-                 tokenizer: str | None = None) -> None:
+                 tokenizer: str | None = None, trace: bool = False) -> None:
         from llmrpc.services.cli import stack_config
         from llmrpc.services.launcher import Launcher, start_on_fresh_ports
         from llmrpc.services.rpc import free_port
@@ -199,7 +199,7 @@ class Stack:
             front = (TokenizerConfig(model_path=tokenizer, port=free_port(), scheduler=f"127.0.0.1:{scheduler_port}")
                      if tokenizer else None)
             config = stack_config(args, args.model, self._sockets.name, scheduler_port=scheduler_port,
-                                  worker_port=free_port(), tokenizer=front, log_level="warning")
+                                  worker_port=free_port(), tokenizer=front, log_level="warning", trace=trace)
             config = config.with_scheduler(replace(config.scheduler, overlap_depth=overlap_depth,
                                                    decode_steps=decode_steps))
             return Launcher(config, log_dir=Path(args.log_dir)).start()

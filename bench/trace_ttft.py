@@ -1,6 +1,6 @@
 """Where a first token's time goes through the stack: every hop, token ids in and text in.
 
-Starts the stack with a tokenizer front (bench/offline.py's Stack, LLMRPC_TRACE=1 in every child:
+Starts the stack with a tokenizer front (bench/offline.py's Stack, `--trace` on every child:
 services/trace.py) and sends one request at a time, a 2,048-token prompt for one token, first as token
 ids to the scheduler, then as text to the tokenizer. The services' TRACE lines and this process's own
 (send, first message) are put on one clock, and each request's points are printed as the median time
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import random
 import statistics
 import time
@@ -89,8 +88,7 @@ def main() -> None:
     prompts = [[rng.randint(0, 10000) for _ in range(TTFT_PROMPT)] for _ in range(n)]
     texts = _texts(args.tokenizer, n, random.Random(2))
     points: list[tuple[float, str]] = []
-    os.environ["LLMRPC_TRACE"] = "1"  # the children inherit it
-    stack = Stack(args, args.overlap_depths[0], tokenizer=args.tokenizer)
+    stack = Stack(args, args.overlap_depths[0], tokenizer=args.tokenizer, trace=True)
     try:
         asyncio.run(_send(stack.target, prompts, "tokens", points))
         asyncio.run(_send(stack.text_target, texts, "text", points))

@@ -375,13 +375,13 @@ def replica_config(args: argparse.Namespace, model_path: str, socket_dir: str, r
 
 def stack_config(args: argparse.Namespace, model_path: str, socket_dir: str, *, scheduler_port: int,
                  worker_port: int, tokenizer: TokenizerConfig | None = None, gateway: GatewayConfig | None = None,
-                 replicas: int = 1, log_level: str = "info") -> StackConfig:
+                 replicas: int = 1, log_level: str = "info", trace: bool = False) -> StackConfig:
     """`replicas` replicas (`replica_config`) on this host, and the front door `tokenizer` or `gateway` if given."""
     from llmrpc.services.launcher import StackConfig
 
     return StackConfig(replicas=tuple(replica_config(args, model_path, socket_dir, r, scheduler_port=scheduler_port,
                                                      worker_port=worker_port) for r in range(replicas)),
-                       tokenizer=tokenizer, gateway=gateway, log_level=log_level)
+                       tokenizer=tokenizer, gateway=gateway, log_level=log_level, trace=trace)
 
 
 def _smg_command() -> str:
@@ -412,7 +412,8 @@ def serve_config(args: argparse.Namespace, socket_dir: str) -> StackConfig:
         tokenizer = tokenizer_config(args, model_path=model_path, host=args.host, port=args.port,
                                      scheduler=f"127.0.0.1:{args.scheduler_port}")
         return stack_config(args, model_path, socket_dir, scheduler_port=args.scheduler_port,
-                            worker_port=args.worker_port, tokenizer=tokenizer, log_level=args.log_level)
+                            worker_port=args.worker_port, tokenizer=tokenizer, log_level=args.log_level,
+                            trace=args.trace)
     command = _smg_command()
     if args.dist_init_addr:
         raise ValueError("--dist-init-addr names one TP group's rendezvous; with --replicas each replica's "
@@ -427,7 +428,7 @@ def serve_config(args: argparse.Namespace, socket_dir: str) -> StackConfig:
                             metrics_port=free_port(), log_level={"warning": "warn"}.get(args.log_level, args.log_level))
     return stack_config(args, model_path, socket_dir, scheduler_port=args.scheduler_port,
                         worker_port=args.worker_port, gateway=gateway, replicas=args.replicas,
-                        log_level=args.log_level)
+                        log_level=args.log_level, trace=args.trace)
 
 
 def _configured(build: Callable[..., T], args: argparse.Namespace, *extra: Any) -> T:
@@ -453,13 +454,14 @@ def _fields(config: Any) -> dict[str, Any]:
     return found
 
 
-def command_line(command: str, config: Any, log_level: str = "info") -> tuple[list[str], dict[str, str]]:
+def command_line(command: str, config: Any, log_level: str = "info",
+                 trace: bool = False) -> tuple[list[str], dict[str, str]]:
     """`llmrpc COMMAND` with the flags that make it build `config` again, and the environment it needs.
 
     Every flag of COMMAND whose dest names a field of `config` (or of a config inside it) is
     given that field's value; a secret goes by environment instead, out of the process list.
     """
-    values = {**_fields(config), "log_level": log_level}
+    values = {**_fields(config), "log_level": log_level, "trace": trace}
     argv, env = [*COMMAND, command], {}
     for action in command_parser(command)._actions:
         if not action.option_strings or action.dest not in values:
@@ -628,7 +630,6 @@ def main(argv: list[str] | None = None) -> None:
         from llmrpc.services import trace
 
         trace.enable()
-        os.environ["LLMRPC_TRACE"] = "1"  # the services `llmrpc serve` starts trace too
     try:
         args.func(args)
     except KeyboardInterrupt:

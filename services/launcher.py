@@ -281,6 +281,7 @@ class StackConfig:
     tokenizer: TokenizerConfig | None = None  # None: no front door (benches speak tokens to the scheduler)
     gateway: GatewayConfig | None = None  # SMG in front of the replicas' schedulers (`--replicas` > 1)
     log_level: str = "info"
+    trace: bool = False  # every child prints services/trace.py's points (`--trace`)
 
     @property
     def workers(self) -> tuple[WorkerConfig, ...]:
@@ -331,7 +332,7 @@ class Launcher:
         log_path = None if self.log_dir is None else self.log_dir / f"{service.name.replace(' ', '-')}.log"
         if isinstance(service.config, GatewayConfig):
             return service.config.process(service.name, log_path)
-        argv, env = command_line(service.command, service.config, self.config.log_level)
+        argv, env = command_line(service.command, service.config, self.config.log_level, self.config.trace)
         security = service.config.security
         return ServiceProcess(
             service.name, argv, f"127.0.0.1:{service.config.port}", log_path=log_path,

@@ -30,7 +30,6 @@ def test_the_stack_reports_every_point(tmp_path: Path, default_model_dir: Path, 
     monkeypatch.setattr(sys, "argv", ["trace_ttft", "--model", str(model), "--device", "cpu", "--load-format", "auto",
                                       "--cuda-graph-max-bs", "0", "--max-running-requests", "4", "--max-context",
                                       "4096", "--tokenizer", str(model), "--requests", "2", "--log-dir", str(tmp_path)])
-    monkeypatch.setenv("LLMRPC_TRACE", "0")  # restored when the test ends, after main() turns it on for the children
     trace_ttft.main()
     out = capsys.readouterr().out
     tokens, text = out.split("text in:")

@@ -89,6 +89,7 @@ def test_every_serve_flag_reaches_the_child_that_takes_it(tmp_path: Path, monkey
                 args = cli.build_parser().parse_args(child.argv[3:])  # the child's own defaults from its env
             assert cli.service_config(args) == service.config, f"serve {' '.join(argv)}: {service.name} differs"
             assert args.log_level == launcher.config.log_level
+            assert args.trace == launcher.config.trace
 
 
 def process_group(pgid: int) -> dict[int, str]:

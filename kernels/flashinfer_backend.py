@@ -67,6 +67,7 @@ class _GraphDecode:
 
 
 FA3_HEAD_DIMS = (64, 128, 256)
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)  # pools fa3 and the ragged kernel read; FP8 goes through fa2's pages
 
 
 def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype, head_dim: int) -> str:
@@ -74,7 +75,7 @@ def prefill_kernels(choice: str, device: torch.device, kv_dtype: torch.dtype, he
     and a head dim fa3 builds. An explicit fa3 this GPU cannot run is refused, naming the flag."""
     if choice == "fa2":
         return choice
-    if choice == "auto" and (kv_dtype not in (torch.float16, torch.bfloat16) or head_dim not in FA3_HEAD_DIMS):
+    if choice == "auto" and (kv_dtype not in SIXTEEN_BIT or head_dim not in FA3_HEAD_DIMS):
         return "fa2"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) == (9, 0) and head_dim in FA3_HEAD_DIMS:
@@ -106,7 +107,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa3's modules are a JIT build of their own (~1 min, once per cache), as is CUDA-core decode.
         self.prefill_kernel = prefill_kernels(prefill, self.device, self.kv_dtype, self.head_dim)
-        self._ragged_ok = self.kv_dtype in (torch.float16, torch.bfloat16)  # an FP8 pool is always read (above)
+        self._ragged_ok = self.kv_dtype in SIXTEEN_BIT  # an FP8 pool is always read (above)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
@@ -132,26 +133,26 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def plan(self, metadata: AttentionMetadata) -> None:
         m = metadata
-        kv_indptr, kv_indices, last_page_len = self._plan_args(m)
         if m.num_decode == m.num_rows:
             wrapper = self.decode
-            self._eager_planned[id(wrapper)].synchronize()
-            wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
-                         self.head_dim, self.page_size, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
-                         sm_scale=self.scale)
         elif self._ragged_ok and np.array_equal(m.qo_lens, m.kv_lens):  # nothing cached: its own K/V are all
             wrapper = self.ragged
-            self._eager_planned[id(wrapper)].synchronize()
-            qo_indptr = torch.from_numpy(np.ascontiguousarray(m.qo_indptr, dtype=np.int32))
-            wrapper.plan(qo_indptr, qo_indptr, self.num_qo_heads, self.num_kv_heads, self.head_dim, causal=True,
-                         q_data_type=self.q_dtype, kv_data_type=self.q_dtype, sm_scale=self.scale)
         else:
             wrapper = self.prefill
-            self._eager_planned[id(wrapper)].synchronize()
+        self._eager_planned[id(wrapper)].synchronize()
+        heads = (self.num_qo_heads, self.num_kv_heads, self.head_dim)
+        if wrapper is self.ragged:
             qo_indptr = torch.from_numpy(np.ascontiguousarray(m.qo_indptr, dtype=np.int32))
-            wrapper.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
-                         self.head_dim, self.page_size, causal=True, q_data_type=self.q_dtype,
-                         kv_data_type=self.kv_dtype, sm_scale=self.scale)
+            wrapper.plan(qo_indptr, qo_indptr, *heads, causal=True, q_data_type=self.q_dtype,
+                         kv_data_type=self.q_dtype, sm_scale=self.scale)
+        else:
+            paged = (*self._plan_args(m), *heads, self.page_size)
+            options = dict(q_data_type=self.q_dtype, kv_data_type=self.kv_dtype, sm_scale=self.scale)
+            if wrapper is self.decode:
+                wrapper.plan(*paged, **options)
+            else:
+                qo_indptr = torch.from_numpy(np.ascontiguousarray(m.qo_indptr, dtype=np.int32))
+                wrapper.plan(qo_indptr, *paged, causal=True, **options)
         self._eager_planned[id(wrapper)].record()
         self._active = wrapper
         self._out_loc = m.out_loc

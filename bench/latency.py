@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from llmrpc.bench.offline import Stack, _row, add_engine_args, engine_llm, scheduler_variants
 
@@ -48,17 +49,22 @@ def _summary(decode: list[float], ttft: list[float]) -> dict:
             "ttft_ms": 1e3 * statistics.median(ttft), "ttft_all_ms": [1e3 * t for t in ttft]}
 
 
+def request(pb, rid: str, max_tokens: int, **prompt):
+    """A streamed, greedy, ignore_eos GenerateRequest; `prompt`: tokens=pb.TokenIds(...) or text=..."""
+    return pb.GenerateRequest(request_id=rid, stream=True, **prompt,
+                              sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+async def responses(stub, req) -> list[tuple[float, Any]]:
+    """Each streamed message of `req` with its arrival time (perf_counter, relative to the send)."""
+    t0 = time.perf_counter()
+    return [(time.perf_counter() - t0, resp) async for resp in stub.Generate(req)]
+
+
 async def _stream(stub, pb, prompt: list[int], max_tokens: int, rid: str) -> list[float]:
     """Arrival times (perf_counter, relative to the send) of each streamed token."""
-    req = pb.GenerateRequest(request_id=rid, tokens=pb.TokenIds(ids=prompt),
-                             sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                             stream=True)
-    t0 = time.perf_counter()
-    times: list[float] = []
-    async for resp in stub.Generate(req):
-        now = time.perf_counter() - t0
-        times += [now] * len(resp.token_ids)
-    return times
+    got = await responses(stub, request(pb, rid, max_tokens, tokens=pb.TokenIds(ids=prompt)))
+    return [t for t, resp in got for _ in resp.token_ids]
 
 
 async def measure_stack(target: str, repeats: int, tag: str) -> dict:
@@ -107,16 +113,10 @@ async def measure_text(target: str, tokenizer_path: str, repeats: int) -> dict:
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
         for i, text in enumerate(texts):
-            req = pb.GenerateRequest(request_id=f"x{i}", text=text, stream=True,
-                                     sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-            t0 = time.perf_counter()
-            arrivals = []
-            async for resp in stub.Generate(req):
-                arrivals.append(time.perf_counter() - t0)
-                if resp.HasField("usage") and i >= warm:
-                    prompt_tokens.append(resp.usage.prompt_tokens)
+            got = await responses(stub, request(pb, f"x{i}", 1, text=text))
             if i >= warm:
-                ttft.append(arrivals[0])
+                ttft.append(got[0][0])
+                prompt_tokens += [r.usage.prompt_tokens for _, r in got if r.HasField("usage")]
     return {"ttft_ms": 1e3 * statistics.median(ttft), "ttft_all_ms": [1e3 * t for t in ttft],
             "prompt_tokens": sorted(set(prompt_tokens))}
 
@@ -204,18 +204,21 @@ def measure_engine(args: argparse.Namespace, runner=None, decode_steps: int = 1)
     return _summary(decode, ttft)
 
 
+def _latency_row(row: dict, metric: str, **fields) -> dict:
+    """bench/offline.py's row as this bench's: its metric and this command."""
+    row.update(benchmark="latency", metric=metric, command=" ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]]),
+               **fields)
+    return row
+
+
 def _ttft_row(args: argparse.Namespace, system: str, m: dict, **extra) -> dict:
-    ttft = _row(args, system, 0.0, ttft_ms=round(m["ttft_ms"], 2), ttft_all_ms=m["ttft_all_ms"], **extra)
-    ttft.update(benchmark="latency", metric="ttft_2048", output_tokens_per_s=None,
-                command=" ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]]))
-    return ttft
+    return _latency_row(_row(args, system, 0.0, ttft_ms=round(m["ttft_ms"], 2), ttft_all_ms=m["ttft_all_ms"], **extra),
+                        "ttft_2048", output_tokens_per_s=None)
 
 
 def _rows(args: argparse.Namespace, system: str, m: dict, **extra) -> list[dict]:
     decode = _row(args, system, m["decode_tok_s"], decode_tok_s_all=m["decode_all"], **extra)
-    decode.update(benchmark="latency", metric="single_stream_decode",
-                  command=" ".join(["python -m llmrpc.bench.latency", *sys.argv[1:]]))
-    return [decode, _ttft_row(args, system, m, **extra)]
+    return [_latency_row(decode, "single_stream_decode"), _ttft_row(args, system, m, **extra)]
 
 
 def build_parser() -> argparse.ArgumentParser:

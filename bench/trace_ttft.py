@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from llmrpc.bench.latency import TTFT_PROMPT, _texts, build_parser
+from llmrpc.bench.latency import TTFT_PROMPT, _texts, build_parser, request
 from llmrpc.bench.offline import Stack
 
 WARM = 5  # requests before the timed ones: JIT, graphs, allocator
@@ -34,9 +34,7 @@ async def _send(target: str, inputs: list, kind: str, points: list[tuple[float, 
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
         for i, x in enumerate(inputs):
-            req = pb.GenerateRequest(request_id=f"{kind}{i}", stream=True,
-                                     sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                                     **({"text": x} if kind == "text" else {"tokens": pb.TokenIds(ids=x)}))
+            req = request(pb, f"{kind}{i}", 1, **({"text": x} if kind == "text" else {"tokens": pb.TokenIds(ids=x)}))
             points.append((time.time(), f"client: {kind} sent"))
             first = True
             async for _ in stub.Generate(req):

@@ -22,3 +22,12 @@ step() {
   timeout "$want" "$@" > "$L/$name.log" 2>&1
   echo "== $name: rc=$? at ${SECONDS}s (limit ${want}s)"
 }
+# A run's layout: start_run sets $L (each step's log) and $OUT/raw (its JSON); pack_logs tars both into
+# logs.tgz, since a device call returns at most 8 files. merge OUT IN...: the rows of result files as one list.
+start_run() { COMMIT=${COMMIT:-unknown}; L=$OUT/logs; mkdir -p "$L" "$OUT/raw"; }
+pack_logs() { (cd "$OUT" && tar czf logs.tgz logs raw && rm -rf logs raw); }
+merge() {
+  python3 -c "import json,sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=2)" "$@"
+}
+# mini-sglang (the seed) on the same shapes: $SEED CONFIG_DIR offline,decode,ttft
+SEED="env PYTHONPATH=.anchors/mini-sglang/python:$PYTHONPATH python3 .anchors/run_minisglang.py"

@@ -5,13 +5,10 @@
 # stream and TTFT; then, as time allows, 8B offline through the stack and mini-sglang's. Carry .whl, .fi-cache,
 # .anchors and .tok.
 source bench/gpu_env.sh
-COMMIT=${COMMIT:-unknown}
+start_run
 M=bench/configs/qwen3-0.6b
 B=bench/configs/qwen3-8b
-L=$OUT/logs
-mkdir -p "$L" "$OUT/raw"
 BUDGET=540
-SEED="env PYTHONPATH=.anchors/mini-sglang/python:$PYTHONPATH python3 .anchors/run_minisglang.py"
 off() { local name=$1; shift; step "$name" 60 python3 -m llmrpc.bench.offline --model $M --systems engine "$@" \
   --commit "$COMMIT" --log-dir "$L" --out "$OUT/raw/$name.json"; }
 off engine_fa2_tc --flashinfer-prefill fa2 --flashinfer-decode tensor-cores
@@ -32,7 +29,6 @@ step seed8b_offline 100 $SEED $B offline
 save_fi_cache
 grep -hE "^(stack|engine)[^:]*: |mini-sglang (offline|single|TTFT)|Error" "$L"/engine_*.log "$L/offline_stack.log" \
   "$L/seed.log" "$L/latency8b.log" "$L/seed8b.log" "$L/offline8b.log" "$L/seed8b_offline.log" 2>/dev/null | cut -c1-200
-merge() { python3 -c "import json,sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=2)" "$@"; }
 merge "$OUT/raw/offline-qwen3-0.6b.json" "$OUT/raw/offline-stack.json" "$OUT"/raw/engine_*.json
 python3 -m llmrpc.bench.seed_compare --model qwen3-0.6b --offline "$OUT/raw/offline-qwen3-0.6b.json" \
   --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
@@ -40,4 +36,4 @@ cat "$L/seed8b.log" "$L/seed8b_offline.log" 2>/dev/null > "$L/seed8b_all.log"
 [ -f "$OUT/raw/offline-qwen3-8b-stack.json" ] && OFF8="--offline $OUT/raw/offline-qwen3-8b-stack.json"
 python3 -m llmrpc.bench.seed_compare --model qwen3-8b $OFF8 --latency "$OUT/raw/latency-qwen3-8b.json" \
   --seed-log "$L/seed8b_all.log" --out-dir "$OUT" | grep -v "^wrote"
-(cd "$OUT" && tar czf logs.tgz logs raw && rm -rf logs raw)  # the device returns at most 8 files
+pack_logs

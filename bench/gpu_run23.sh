@@ -2,16 +2,14 @@
 # graphs storing K/V inside them, tensor-core decode): gpu_check, latency through the stack and the engine on
 # Qwen3-0.6B, mini-sglang's single stream and TTFT in the same call. Carry .whl, .fi-cache and .anchors.
 source bench/gpu_env.sh
-COMMIT=${COMMIT:-unknown}
+start_run
 M=bench/configs/qwen3-0.6b
-L=$OUT/logs
-mkdir -p "$L" "$OUT/raw"
 BUDGET=200
 step gpu_check 95 python3 -m llmrpc.bench.gpu_check --out "$OUT/raw/gpu_check.json"
 step latency 55 python3 -m llmrpc.bench.latency --model $M --systems stack,engine --repeats 3 --commit "$COMMIT" \
   --log-dir "$L" --out "$OUT/raw/latency-qwen3-0.6b.json"
-step seed 40 env PYTHONPATH=".anchors/mini-sglang/python:$PYTHONPATH" python3 .anchors/run_minisglang.py $M decode,ttft
+step seed 40 $SEED $M decode,ttft
 grep -E "^(greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED|Error" "$L/gpu_check.log" | cut -c1-300
 python3 -m llmrpc.bench.seed_compare --model qwen3-0.6b --latency "$OUT/raw/latency-qwen3-0.6b.json" \
   --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
-(cd "$OUT" && tar czf logs.tgz logs raw && rm -rf logs raw)
+pack_logs

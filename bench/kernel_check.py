@@ -16,6 +16,12 @@ Timings (triton.testing.do_bench medians): each attention-block op as a CUDA gra
 input sets, one per layer as in a captured decode step, per call; and the eager wall time per call
 (host launch cost included); at the Qwen3-0.6B and Qwen3-8B attention shapes. Sampling ops eager.
 Prints a table; writes every number to --out (JSON).
+
+--gemv checks and times the few-row linears instead (kernels/triton_gemv.py): each of a decoder layer's
+four (QKV after add + RMSNorm, O, gate_up after add + RMSNorm, down after SiLU-and-mul) at 1, 2 and 4 rows,
+the GEMV against the torch path it replaces (cuBLAS and the norm or SiLU kernel before it), output and new
+residual compared; device time per layer in graphs over distinct weights (no L2 reuse), and a sweep of tiles
+at one row.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from llmrpc.bench.record import provenance, write_json
 from llmrpc.engine.config import ModelConfig
 from llmrpc.engine.layers.rotary import RotaryEmbedding
 from llmrpc.engine.sampling import filter_sorted, filtered_probs
-from llmrpc.kernels import fused, triton_fused
+from llmrpc.kernels import fused, triton_fused, triton_gemv
 from llmrpc.kernels.sampling import filtered_sample_flashinfer, race_sample_torch, race_sample_triton
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -330,6 +336,92 @@ def time_sampling(fi, g: torch.Generator) -> list[dict]:
     return rows
 
 
+# ---- the few-row linears (--gemv) --------------------------------------------------------------
+
+GEMV_ROWS = (1, 2, 4)
+GEMV_TILES = (triton_gemv.Tile(2, 2048, 4), triton_gemv.Tile(4, 1024, 4), triton_gemv.Tile(4, 2048, 8),
+              triton_gemv.Tile(8, 512, 4), triton_gemv.Tile(8, 1024, 8), triton_gemv.Tile(16, 512, 4),
+              triton_gemv.Tile(16, 256, 2), triton_gemv.Tile(32, 256, 4))
+
+
+def gemv_shapes(name: str) -> list[tuple[str, int, int, int]]:
+    """(linear, prologue, N, K) of one decoder layer of model `name`."""
+    mc = ModelConfig.load(CONFIGS / name)
+    q, kv = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    return [("qkv", triton_gemv.ADD_RMSNORM, q + 2 * kv, mc.hidden_size), ("o", triton_gemv.LINEAR, mc.hidden_size, q),
+            ("gate_up", triton_gemv.ADD_RMSNORM, 2 * mc.intermediate_size, mc.hidden_size),
+            ("down", triton_gemv.SILU_MUL, mc.hidden_size, mc.intermediate_size)]
+
+
+def _gemv_call(prologue: int, x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor,
+               kernel: str, tile: triton_gemv.Tile | None = None) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+    """One linear with its prologue, through the torch path or the GEMV (with `tile`)."""
+    if kernel == "triton" and tile is not None:
+        return lambda: triton_gemv.gemv(x, w, None, prologue, residual, norm_w, EPS, tile)
+    if prologue == triton_gemv.ADD_RMSNORM:
+        return lambda: fused.norm_linear(x, residual, norm_w, EPS, w, kernel=kernel)
+    if prologue == triton_gemv.SILU_MUL:
+        return lambda: (fused.silu_mul_linear(x, w, kernel=kernel), None)
+    return lambda: (fused.linear(x, w, kernel=kernel), None)
+
+
+def gemv_rows(g: torch.Generator, timing: bool) -> tuple[list[dict], bool]:
+    rows, ok = [], True
+    for name in MODELS:
+        sets = LAYERS if name == "qwen3-0.6b" else 6  # 8B: each layer's weights alone are over L2's 50 MB
+        for op, prologue, n, k in gemv_shapes(name):
+            weights = [torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k ** 0.5
+                       for _ in range(sets)]
+            norm_w = torch.rand(k, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+            for m in GEMV_ROWS:
+                width = 2 * k if prologue == triton_gemv.SILU_MUL else k
+                xs = [torch.randn(m, width, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(sets)]
+                rs = [torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(sets)]
+                want, want_res = _gemv_call(prologue, xs[0].clone(), rs[0].clone(), norm_w, weights[0], "torch")()
+                got, got_res = _gemv_call(prologue, xs[0], rs[0], norm_w, weights[0], "triton")()
+                err = rel_err(got, want)
+                res_equal = got_res is None or bool(torch.equal(got_res, want_res))
+                passed = err < 1e-2 and res_equal and not bool(got.isnan().any())
+                ok &= passed
+                row = {"op": "gemv", "model": name, "linear": op, "n": n, "k": k, "rows": m, "rel_err": err,
+                       "residual_equal": res_equal, "pass": passed}
+                if timing:
+                    def per_layer(kernel: str, tile: triton_gemv.Tile | None = None) -> float:
+                        # The torch path's FlashInfer add + norm works in place: fresh inputs for the graph.
+                        cs = [_gemv_call(prologue, xs[i].clone(), rs[i].clone(), norm_w, weights[i], kernel, tile)
+                              for i in range(sets)]
+                        return round(graph_us(cs), 2)
+
+                    row["torch_us"] = per_layer("torch")
+                    row["gemv_us"] = per_layer("triton")
+                    row["gemv_tile"] = list(triton_gemv.default_tile(n, k))
+                    if m == 1 and name == MODELS[0]:  # the sweep at Qwen3-0.6B's shapes (each tile compiles)
+                        row["tiles_us"] = {"x".join(map(str, t)): per_layer("triton", t) for t in GEMV_TILES}
+                    bytes_per_s = n * k * 2 / (row["gemv_us"] * 1e-6)
+                    row["gemv_weight_tb_s"] = round(bytes_per_s / 1e12, 2)
+                rows.append(row)
+                print(f"{name:<11}{op:<8}{n:>6}x{k:<6}m={m} rel_err {err:.2e} residual equal {res_equal} "
+                      + (f"torch {row['torch_us']:7.2f} us  gemv {row['gemv_us']:7.2f} us "
+                         f"({row['gemv_weight_tb_s']} TB/s)" if timing else "")
+                      + (f"  tiles {row['tiles_us']}" if "tiles_us" in row else ""), flush=True)
+            del weights
+    return rows, ok
+
+
+def gemv_summary(rows: list[dict]) -> dict:
+    """Per model and row count: the four linears (and their prologues) of all layers, torch path vs GEMV, ms."""
+    out = {}
+    for name in MODELS:
+        layers = ModelConfig.load(CONFIGS / name).num_hidden_layers
+        for m in GEMV_ROWS:
+            sel = [r for r in rows if r["model"] == name and r["rows"] == m and "torch_us" in r]
+            if sel:
+                out[f"{name}_rows{m}"] = {"torch_ms": round(layers * sum(r["torch_us"] for r in sel) / 1e3, 3),
+                                          "gemv_ms": round(layers * sum(r["gemv_us"] for r in sel) / 1e3, 3),
+                                          "layers": layers}
+    return out
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 
@@ -373,6 +465,7 @@ def main() -> None:
     ap.add_argument("--with-fi-append", action="store_true",
                     help="also FlashInfer's append_paged_kv_cache (JIT-builds its page module when not cached)")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--gemv", action="store_true", help="the few-row linears only (kernels/triton_gemv.py)")
     args = ap.parse_args()
     import flashinfer
     import triton
@@ -387,6 +480,15 @@ def main() -> None:
     cos_sin = RotaryEmbedding(shapes[MODELS[0]][2], MAX_POS, theta).cos_sin.cuda()
     report: dict = {**provenance("llmrpc.bench.kernel_check"), "gpu": torch.cuda.get_device_name(),
                     "torch": torch.__version__, "triton": triton.__version__, "flashinfer": flashinfer.__version__}
+    if args.gemv:
+        report["gemv"], report["all_pass"] = gemv_rows(g, timing=not args.skip_timing)
+        report["summary_gemv"] = gemv_summary(report["gemv"])
+        print("per token, the 4 linears + prologues of all layers (device ms):", json.dumps(report["summary_gemv"]))
+        report["seconds"] = round(time.time() - t0, 1)
+        if args.out:
+            write_json(Path(args.out), report)
+        print("GEMV ALL PASS" if report["all_pass"] else "SOME GEMV CHECKS FAILED")
+        return
     checks = {
         "qk_norm_rope": lambda: check_in_place(norm_rope_variants(), True, shapes, cos_sin, g),
         "rope": lambda: check_in_place(rope_variants(), False, shapes, cos_sin, g),

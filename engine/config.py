@@ -45,6 +45,7 @@ class EngineConfig:
     flashinfer_decode: str = "auto"  # FLASHINFER_DECODE: FlashInfer's decode kernels (auto: tensor cores)
     cuda_graph_max_bs: int = 256  # decode steps up to this many rows replay CUDA graphs; 0: always eager
     prefill_graph_max_tokens: int = 4096  # prefill steps up to this many tokens replay piecewise graphs; 0: eager
+    gemv_max_rows: int = 4  # CUDA linears of up to this many rows run the fused Triton GEMV; 0: cuBLAS always
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     seed: int = 0
     tp_rank: int = 0
@@ -69,6 +70,10 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.prefill_graph_max_tokens < 0:
             raise ValueError(f"prefill_graph_max_tokens must be >= 0, got {self.prefill_graph_max_tokens}")
+        from llmrpc.kernels.triton_gemv import MAX_ROWS
+
+        if not 0 <= self.gemv_max_rows <= MAX_ROWS:
+            raise ValueError(f"gemv_max_rows (--gemv-max-rows) must be in [0, {MAX_ROWS}], got {self.gemv_max_rows}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.flashinfer_prefill not in FLASHINFER_PREFILL:

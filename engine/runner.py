@@ -45,7 +45,7 @@ from llmrpc.engine.models import model_class
 from llmrpc.engine.parallel import init_tensor_parallel
 from llmrpc.engine.sampling import Sampler
 from llmrpc.engine.step import Step, StepOutput
-from llmrpc.kernels import AttentionMetadata, create_attention_backend, resolve_attention_backend
+from llmrpc.kernels import AttentionMetadata, create_attention_backend, fused, resolve_attention_backend
 
 if TYPE_CHECKING:
     import xgrammar as xgr
@@ -141,6 +141,7 @@ class ModelRunner:
         mc = self.model_config
         self.max_context = config.max_context or mc.max_position_embeddings
         self.tp = init_tensor_parallel(config)  # joins the ranks' process group before any collective
+        fused.GEMV_MAX_ROWS = config.gemv_max_rows  # the linears' kernel at a few rows, read as the graphs capture
         phase = _Phases(self.device)
         with _default_tensor_placement(self.device, self.dtype):
             self.model = model_class(mc)(mc, self.tp, self.max_context)

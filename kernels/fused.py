@@ -4,7 +4,9 @@ and the K/V store into the paged cache (cast to the cache's dtype, float8 satura
 Each op has a plain PyTorch version (the reference: the CPU path, and any GPU
 without FlashInfer or Triton) and a fused version used for CUDA tensors: FlashInfer's
 kernels, or ours in kernels/triton_fused.py where one Triton launch replaces several
-(Qwen3's Q/K norm with RoPE; K and V stored together). On a GPU the torch versions
+(Qwen3's Q/K norm with RoPE; K and V stored together). The linears of a few-row step
+(`linear`, `norm_linear`, `silu_mul_linear`) run kernels/triton_gemv.py's GEMV with the
+norm or SiLU before them folded in, up to `GEMV_MAX_ROWS` rows. On a GPU the torch versions
 cost 5-12 small kernels each; in a CUDA-graphed decode step of a small model those
 launches, not the bytes, set the step time, so one kernel per op matters there.
 """
@@ -16,7 +18,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from llmrpc.kernels import triton_fused
+from llmrpc.kernels import triton_fused, triton_gemv
 
 
 @functools.cache
@@ -172,3 +174,49 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
         triton_fused.store_kv(k_cache, v_cache, loc, k, v)
     else:
         store_kv_torch(k_cache, v_cache, loc, k, v)
+
+
+# ---- linears: cuBLAS, or at a few rows the GEMV with the op before it folded in --------------------------
+
+# Rows up to which a CUDA linear runs the Triton GEMV (kernels/triton_gemv.py) instead of cuBLAS; 0: never.
+# The runner sets it from EngineConfig.gemv_max_rows once, before it builds the model's CUDA graphs.
+GEMV_MAX_ROWS = 0
+
+
+def _gemv(x: torch.Tensor, kernel: str) -> bool:
+    if kernel != "auto":
+        return kernel == "triton"
+    return x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_ROWS and triton_gemv.available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           kernel: str = "auto") -> torch.Tensor:
+    """x [T, K] @ weight [N, K]^T + bias; `kernel` "triton" or "torch" forces one (tests, bench/kernel_check.py)."""
+    if _gemv(x, kernel):
+        return triton_gemv.gemv(x, weight, bias)[0]
+    return F.linear(x, weight, bias)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(RMSNorm(x + residual)), x + residual), or without a residual (linear(RMSNorm(x)), x): the
+    decoder layer's norm and the projection after it. The torch path may reuse x's and residual's memory."""
+    if _gemv(x, kernel):
+        if residual is None:
+            return triton_gemv.gemv(x, weight, bias, triton_gemv.RMSNORM, norm_weight=norm_weight, eps=eps)[0], x
+        y, summed = triton_gemv.gemv(x, weight, bias, triton_gemv.ADD_RMSNORM, residual, norm_weight, eps)
+        assert summed is not None
+        return y, summed
+    if residual is None:
+        return F.linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return F.linear(normed, weight, bias), residual
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    kernel: str = "auto") -> torch.Tensor:
+    """linear(silu(gate) * up) of x = [gate | up]: the gated MLP's activation and its down projection."""
+    if _gemv(x, kernel):
+        return triton_gemv.gemv(x, weight, bias, triton_gemv.SILU_MUL)[0]
+    return F.linear(silu_and_mul(x), weight, bias)

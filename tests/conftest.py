@@ -2,15 +2,24 @@
 
 Service tests start real processes on loopback ports they pick themselves and
 stop them all at teardown, whatever happened.
+
+Triton kernels run on CPU tensors here: TRITON_INTERPRET=1 before any kernel is built.
+Triton reads the switch when a function is decorated with @triton.jit (triton.language's
+own ones included), not when triton is imported, so it is set before any test module
+loads; ours are built on first use. CUDA tensors never reach these tests.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+import os
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from llmrpc.services.local_stack import LocalStack
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+import pytest  # noqa: E402
+
+from llmrpc.services.local_stack import LocalStack  # noqa: E402
 
 if TYPE_CHECKING:
     from llmrpc.services.llm import LLM

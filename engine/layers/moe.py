@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrpc.engine.layers.linear import default_weight_loader
+from llmrpc.engine.layers.norm import RMSNorm
 from llmrpc.engine.parallel import TensorParallel
 from llmrpc.kernels import moe
 
@@ -102,3 +103,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         return self.experts(x, weights, ids)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor,
+                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual): the router and the experts read the same normed input."""
+        x, residual = norm(x, residual)
+        return self(x), residual

@@ -8,13 +8,12 @@ class's `make_mlp`, so a mixture-of-experts model (qwen3_moe.py) swaps it per la
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, cast
 
 import torch
 from torch import nn
 
 from llmrpc.engine.config import ModelConfig
-from llmrpc.engine.layers.activation import SiluAndMul
 from llmrpc.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmrpc.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from llmrpc.engine.layers.norm import RMSNorm
@@ -37,13 +36,16 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, rope: Rope,
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention over norm(x + residual), x + residual): the input norm runs inside the QKV projection."""
+        qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(q, k, self.q_norm, self.k_norm)  # Qwen3 normalizes each head first
-        return self.o_proj(attn.forward(q, k, v, self.layer_id).flatten(1))
+        return self.o_proj(attn.forward(q, k, v, self.layer_id).flatten(1)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -51,14 +53,27 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], config.mlp_bias, tp)
-        self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor,
+                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual), the norm inside the gate_up projection."""
+        gate_up, residual = self.gate_up_proj.forward_normed(x, residual, norm)
+        return self.down_proj.forward_silu_mul(gate_up), residual
 
 
-# Builds layer `layer_id`'s MLP: (config, layer_id, tp) → module mapping [T, hidden] to [T, hidden].
+class DecoderMLP(Protocol):
+    """What the decoder layer calls on its MLP (LlamaMLP, engine/layers/moe.py's SparseMoeBlock)."""
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor,
+                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# Builds layer `layer_id`'s MLP: (config, layer_id, tp) → a module mapping [T, hidden] to [T, hidden] that is a
+# DecoderMLP.
 MLPFactory = Callable[[ModelConfig, int, TensorParallel], nn.Module]
 
 
@@ -78,13 +93,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
                 attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the next norm adds the two."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, attn)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x, residual = self.self_attn(x, residual, self.input_layernorm, rope, attn)
+        return cast(DecoderMLP, self.mlp).forward_normed(x, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

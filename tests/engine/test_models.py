@@ -19,6 +19,7 @@ import torch
 from llmrpc.engine.config import EngineConfig, ModelConfig
 from llmrpc.engine.runner import ModelRunner
 from llmrpc.engine.step import SlotParams, Step
+from llmrpc.kernels import fused, triton_gemv
 
 PAGE = 4
 CHUNK = 5  # prefill tokens per request per step
@@ -151,8 +152,15 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama-biases": "LlamaForCausalLM"
                  "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-@pytest.mark.parametrize("kind", list(ARCHITECTURES))
-def test_logits_match_transformers_in_mixed_batches(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "linears"), [*((kind, "torch") for kind in ARCHITECTURES),
+                                               ("llama-biases", "gemv"), ("qwen3", "gemv"), ("qwen3_moe", "gemv")])
+def test_logits_match_transformers_in_mixed_batches(kind: str, linears: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """linears "gemv": every step of up to 16 rows runs its linears through kernels/triton_gemv.py (under the
+    interpreter, tests/conftest.py's switch; on a GPU that is CUDA steps of up to --gemv-max-rows)."""
+    if linears == "gemv":
+        pytest.importorskip("triton")
+        monkeypatch.setattr(fused, "_gemv", lambda x, kernel: x.shape[0] <= triton_gemv.MAX_ROWS)
     hf_model = _tiny_hf_model(kind, tmp_path)
     runner = ModelRunner(EngineConfig(model_path=str(tmp_path), page_size=PAGE, max_total_tokens=PAGE * 64,
                                       max_slots=8, max_context=128))

@@ -1,5 +1,5 @@
 """The float8 KV cache (--kv-cache-dtype fp8_e4m3) in the kernels: the store casts with saturation, the
-Triton store (under TRITON_INTERPRET=1, conftest.py) writes the torch store's bytes, and the torch
+Triton store (under TRITON_INTERPRET=1, tests/conftest.py) writes the torch store's bytes, and the torch
 backend attends over float8 pages exactly as over the same values held in float32.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The MoE kernels on the CPU: routing and experts against transformers' Qwen3-MoE block, the alignment,
-and the Triton kernels themselves under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1)."""
+and the Triton kernels themselves under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
 from types import ModuleType

@@ -18,7 +18,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from llmrpc.kernels import sampling, triton_fused  # noqa: E402
+from llmrpc.kernels import sampling, triton_fused, triton_gemv  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -31,15 +31,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from llmrpc.kernels import sampling, triton_fused
+from llmrpc.kernels import sampling, triton_fused, triton_gemv
 
 kernels = {"qk_norm_rope": lambda: triton_fused._kernels()[1], "store_kv": lambda: triton_fused._kernels()[2],
-           "race": sampling._triton_kernel}
+           "race": sampling._triton_kernel, "gemv": lambda: triton_gemv._kernel()[1]}
 name, signature, constexprs, aligned, out = json.loads(sys.argv[1])
+num_warps = constexprs.pop("num_warps", 4)
 names = list(signature)
 attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
 source = ASTSource(fn=kernels[name](), signature=signature, constexprs=constexprs, attrs=attrs)
-Path(out).write_bytes(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+Path(out).write_bytes(compiled.asm["cubin"])
 """
 
 
@@ -47,7 +49,7 @@ def sm90(kernel: str, signature: dict[str, str], constexprs: dict[str, object], 
          tmp_path: Path) -> bytes:
     """The cubin of `kernel` built for sm_90, the `aligned` args divisible by 16 as a launch would find them.
 
-    Built in a fresh interpreter without TRITON_INTERPRET: under the interpreter (tests/kernels/conftest.py)
+    Built in a fresh interpreter without TRITON_INTERPRET: under the interpreter (tests/conftest.py)
     triton.language's own jit functions (tl.sum, ...) are interpreted ones, which the compiler cannot lower.
     """
     out = tmp_path / f"{kernel}.cubin"
@@ -109,3 +111,26 @@ def test_race_kernel_builds_without_spills(tmp_path: Path) -> None:
                                 aligned, tmp_path), tmp_path)
     assert "LDG.E.128" in sass  # the logits stream in 16-byte loads
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0
+
+
+GEMV_SIGNATURE = {"x_ptr": "*bf16", "res_ptr": "*bf16", "res_out_ptr": "*bf16", "norm_w_ptr": "*bf16", "w_ptr": "*bf16",
+                  "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "x_stride": "i32", "res_stride": "i32",
+                  "y_stride": "i32", "eps": "fp32", "K": "constexpr", "PROLOGUE": "constexpr", "HAS_BIAS": "constexpr",
+                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+
+
+@pytest.mark.parametrize(("k", "n", "prologue", "rows"), [
+    (1024, 4096, triton_gemv.ADD_RMSNORM, 1), (1024, 6144, triton_gemv.ADD_RMSNORM, 4),  # Qwen3-0.6B's QKV, gate_up
+    (2048, 1024, triton_gemv.LINEAR, 4), (3072, 1024, triton_gemv.SILU_MUL, 4),  # its O and down
+    (4096, 6144, triton_gemv.RMSNORM, 1), (12288, 4096, triton_gemv.SILU_MUL, 4)])  # Qwen3-8B's
+def test_gemv_streams_weights_in_16_byte_loads_without_spills(k, n, prologue, rows, tmp_path: Path) -> None:
+    """Each default tile of Qwen3-0.6B's and -8B's linears: the weights (and x) read 16 bytes at a time,
+    nothing spilled, registers left for 2+ programs an SM."""
+    tile = triton_gemv.default_tile(n, k)
+    aligned = ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr", "b_ptr", "y_ptr", "N", "x_stride",
+               "res_stride", "y_stride")
+    constexprs = {"K": k, "PROLOGUE": prologue, "HAS_BIAS": False, "BLOCK_M": rows, "BLOCK_N": tile.block_n,
+                  "BLOCK_K": tile.block_k, "num_warps": tile.num_warps}
+    sass, usage = _inspect(sm90("gemv", GEMV_SIGNATURE, constexprs, aligned, tmp_path), tmp_path)
+    assert "LDG.E.128" in sass and "LDG.E.U16" not in sass
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and usage["REG"] <= 128

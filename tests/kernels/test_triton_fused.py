@@ -1,4 +1,4 @@
-"""The Triton kernels against their torch references, on CPU tensors under TRITON_INTERPRET=1 (conftest.py).
+"""The Triton kernels against their torch references, on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py).
 
 The interpreter rounds float32 -> bfloat16 toward zero where a GPU rounds to nearest,
 so bf16 results may differ from torch's by one unit in the last place at each rounding

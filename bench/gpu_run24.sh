@@ -1,6 +1,6 @@
 # Device run 24 (issue 13): the few-row linears on the fused Triton GEMV (kernels/triton_gemv.py). Each GEMV
-# against the torch path it replaces and timed (kernel_check --gemv), gpu_check with the GEMV on (the default,
-# --gemv-max-rows 4), single stream and TTFT through the engine with the GEMV on and off, mini-sglang's in
+# against the torch path it replaces and timed (kernel_check --gemv), gpu_check with the GEMV on (--gemv-max-rows 4;
+# the default became 2 after this run), single stream and TTFT through the engine with the GEMV on and off, mini-sglang's in
 # the same call. A fresh machine: FlashInfer's JIT builds its kernels inside gpu_check; the cache goes back.
 # Carry .whl and .anchors (and .fi-cache when a previous call saved one).
 source bench/gpu_env.sh

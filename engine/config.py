@@ -45,7 +45,7 @@ class EngineConfig:
     flashinfer_decode: str = "auto"  # FLASHINFER_DECODE: FlashInfer's decode kernels (auto: tensor cores)
     cuda_graph_max_bs: int = 256  # decode steps up to this many rows replay CUDA graphs; 0: always eager
     prefill_graph_max_tokens: int = 4096  # prefill steps up to this many tokens replay piecewise graphs; 0: eager
-    gemv_max_rows: int = 4  # CUDA linears of up to this many rows run the fused Triton GEMV; 0: cuBLAS always
+    gemv_max_rows: int = 2  # CUDA linears of up to this many rows run the fused Triton GEMV; 0: cuBLAS always
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     seed: int = 0
     tp_rank: int = 0

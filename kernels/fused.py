@@ -181,18 +181,24 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
 # Rows up to which a CUDA linear runs the Triton GEMV (kernels/triton_gemv.py) instead of cuBLAS; 0: never.
 # The runner sets it from EngineConfig.gemv_max_rows once, before it builds the model's CUDA graphs.
 GEMV_MAX_ROWS = 0
+# ... and weights up to this many elements. Measured on an H200 (bench/results/issue13/run24): with its
+# prologue the GEMV beats cuBLAS and the norm/SiLU kernel on Qwen3-0.6B's linears (4-12 MB of weights: 1.05 ->
+# 0.65 ms a token at 1 row, 1.08 -> 0.77 at 2), and loses on Qwen3-8B's (32-200 MB, which cuBLAS streams at
+# over 3 TB/s: 4.45 -> 4.91 ms at 1 row).
+GEMV_MAX_WEIGHT_ELEMENTS = 8 << 20
 
 
-def _gemv(x: torch.Tensor, kernel: str) -> bool:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> bool:
     if kernel != "auto":
         return kernel == "triton"
-    return x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_ROWS and triton_gemv.available()
+    return (x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_ROWS and weight.numel() <= GEMV_MAX_WEIGHT_ELEMENTS
+            and triton_gemv.available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            kernel: str = "auto") -> torch.Tensor:
     """x [T, K] @ weight [N, K]^T + bias; `kernel` "triton" or "torch" forces one (tests, bench/kernel_check.py)."""
-    if _gemv(x, kernel):
+    if _gemv(x, weight, kernel):
         return triton_gemv.gemv(x, weight, bias)[0]
     return F.linear(x, weight, bias)
 
@@ -202,7 +208,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
                 kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(RMSNorm(x + residual)), x + residual), or without a residual (linear(RMSNorm(x)), x): the
     decoder layer's norm and the projection after it. The torch path may reuse x's and residual's memory."""
-    if _gemv(x, kernel):
+    if _gemv(x, weight, kernel):
         if residual is None:
             return triton_gemv.gemv(x, weight, bias, triton_gemv.RMSNORM, norm_weight=norm_weight, eps=eps)[0], x
         y, summed = triton_gemv.gemv(x, weight, bias, triton_gemv.ADD_RMSNORM, residual, norm_weight, eps)
@@ -217,6 +223,6 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     kernel: str = "auto") -> torch.Tensor:
     """linear(silu(gate) * up) of x = [gate | up]: the gated MLP's activation and its down projection."""
-    if _gemv(x, kernel):
+    if _gemv(x, weight, kernel):
         return triton_gemv.gemv(x, weight, bias, triton_gemv.SILU_MUL)[0]
     return F.linear(silu_and_mul(x), weight, bias)

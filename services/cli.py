@@ -174,9 +174,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
                        default=_env("prefill_graph_max_tokens", 4096),
                        help="prefill steps up to this many tokens replay CUDA graphs, piecewise around attention "
                             "(0: never): the host then launches ~4 ops a layer, not ~12"),
-        g.add_argument("--gemv-max-rows", type=_non_negative_int, default=_env("gemv_max_rows", 4),
+        g.add_argument("--gemv-max-rows", type=_non_negative_int, default=_env("gemv_max_rows", 2),
                        help="CUDA linears of up to this many rows (decode at small batch) run a Triton GEMV with the "
-                            "norm or SiLU before them folded in, instead of cuBLAS (0: never; at most 16)"),
+                            "norm or SiLU before them folded in, instead of cuBLAS, where their weights are small "
+                            "enough to gain (kernels/fused.py); 0: never, at most 16"),
         g.add_argument("--load-format", default=_env("load_format", "auto"),
                        choices=["auto", "safetensors", "gguf", "dummy"]),
         g.add_argument("--tp", dest="tp_size", type=int, metavar="N", default=_env("tp", 1), help="tensor-parallel ranks"),

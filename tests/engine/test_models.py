@@ -160,7 +160,7 @@ def test_logits_match_transformers_in_mixed_batches(kind: str, linears: str, tmp
     interpreter, tests/conftest.py's switch; on a GPU that is CUDA steps of up to --gemv-max-rows)."""
     if linears == "gemv":
         pytest.importorskip("triton")
-        monkeypatch.setattr(fused, "_gemv", lambda x, kernel: x.shape[0] <= triton_gemv.MAX_ROWS)
+        monkeypatch.setattr(fused, "_gemv", lambda x, weight, kernel: x.shape[0] <= triton_gemv.MAX_ROWS)
     hf_model = _tiny_hf_model(kind, tmp_path)
     runner = ModelRunner(EngineConfig(model_path=str(tmp_path), page_size=PAGE, max_total_tokens=PAGE * 64,
                                       max_slots=8, max_context=128))

@@ -1,5 +1,9 @@
 # Sourced at the start of every device run: FlashInfer from carried wheels, llmrpc from this tree,
 # FlashInfer's JIT cache restored from .fi-cache when a previous run saved it.
+# .whl (py3.12, manylinux x86_64, `pip download --no-deps`; the machine lacks all of them, ~16 MB in all):
+# flashinfer-python==0.5.3 apache-tvm-ffi==0.1.15.post2 pyzmq xgrammar pydantic pydantic-core annotated-types
+# typing-inspection googleapis-common-protos smg-grpc-proto, and grpcio-health-checking, grpcio-reflection and
+# grpcio-status at the machine's grpcio (1.84.0: their generated code refuses an older runtime).
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site

@@ -22,6 +22,12 @@ four (QKV after add + RMSNorm, O, gate_up after add + RMSNorm, down after SiLU-a
 the GEMV against the torch path it replaces (cuBLAS and the norm or SiLU kernel before it), output and new
 residual compared; device time per layer in graphs over distinct weights (no L2 reuse), and a sweep of tiles
 at one row.
+
+--decode checks and times the fused decode attention (kernels/triton_decode.py: Q/K norm, RoPE, K/V store,
+split-KV attention and merge in one launch) against what it replaces (the Triton Q/K norm + RoPE and K/V store,
+then FlashInfer's decode on tensor cores) at Qwen3-0.6B's and -8B's heads, 1-8 rows, 128-8,192 tokens of
+context: the outputs and the stored K/V compared; device time per layer in graphs over distinct caches, and a
+sweep of split counts at one row.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from llmrpc.bench.record import provenance, write_json
 from llmrpc.engine.config import ModelConfig
 from llmrpc.engine.layers.rotary import RotaryEmbedding
 from llmrpc.engine.sampling import filter_sorted, filtered_probs
-from llmrpc.kernels import fused, triton_fused, triton_gemv
+from llmrpc.kernels import fused, triton_decode, triton_fused, triton_gemv
 from llmrpc.kernels.sampling import filtered_sample_flashinfer, race_sample_torch, race_sample_triton
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -422,6 +428,105 @@ def gemv_summary(rows: list[dict]) -> dict:
     return out
 
 
+# ---- the fused decode attention (--decode) ------------------------------------------------------
+
+DECODE_ROWS = (1, 2, 4, 8)
+DECODE_CONTEXTS = (128, 640, 2048, 8192)
+DECODE_SPLITS = (4, 8, 16, 32)  # swept at one row and 640 tokens of context
+
+
+class DecodeInputs:
+    """One layer's decode step: `rows` sequences of `context` tokens (the new one last) on shuffled pages of
+    a random bf16 cache, and their new tokens' fused QKV output."""
+
+    def __init__(self, heads: int, kv_heads: int, dim: int, rows: int, context: int, g: torch.Generator,
+                 cos_sin: torch.Tensor) -> None:
+        per_row = -(-context // PAGE)
+        self.k_cache = torch.randn(rows * per_row + 1, PAGE, kv_heads, dim, generator=g, device="cuda").to(torch.bfloat16)
+        self.v_cache = torch.randn(self.k_cache.shape, generator=g, device="cuda").to(torch.bfloat16)
+        self.indices = torch.randperm(rows * per_row, generator=g, device="cuda").to(torch.int32)
+        self.indptr = torch.arange(0, rows * per_row + 1, per_row, dtype=torch.int32, device="cuda")
+        self.last_page_len = torch.full((rows,), context - (per_row - 1) * PAGE, dtype=torch.int32, device="cuda")
+        last_pages = self.indices[self.indptr[1:].long() - 1].long()
+        self.out_loc = last_pages * PAGE + self.last_page_len.long() - 1
+        self.positions = torch.full((rows,), context - 1, dtype=torch.long, device="cuda")
+        self.qkv = Inputs(heads, kv_heads, dim, rows, g, cos_sin)  # its q/k/v views, norm weights, cos_sin
+        self.qkv.positions = self.positions
+
+
+def _flashinfer_decode(flashinfer, i: DecodeInputs, heads: int, kv_heads: int, dim: int,
+                       buffer: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """What the fused kernel replaces: Q/K norm + RoPE, the K/V store, FlashInfer's decode (tensor cores)."""
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        buffer, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=i.indptr.clone(),
+        paged_kv_indices_buffer=i.indices.clone(), paged_kv_last_page_len_buffer=i.last_page_len.clone())
+    wrapper.plan(i.indptr.cpu(), i.indices, i.last_page_len.cpu(), heads, kv_heads, dim, PAGE,
+                 q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=dim ** -0.5)
+    x = i.qkv
+
+    def run() -> torch.Tensor:
+        fused.qk_norm_rope_(x.q, x.k, i.positions, x.cos_sin, x.q_weight, x.k_weight, EPS)
+        fused.store_kv(i.k_cache, i.v_cache, i.out_loc, x.k, x.v)
+        return wrapper.run(x.q, (i.k_cache, i.v_cache))
+
+    return run
+
+
+def _fused_decode(i: DecodeInputs, workspace: triton_decode.Workspace, splits: int) -> Callable[[], torch.Tensor]:
+    x = i.qkv
+    return lambda: triton_decode.decode_attention(
+        x.q, x.k, x.v, i.k_cache, i.v_cache, i.indptr, i.indices, i.last_page_len, i.out_loc, i.positions,
+        x.cos_sin, x.q_weight, x.k_weight, EPS, x.q.shape[-1] ** -0.5, workspace, splits)
+
+
+def decode_rows(flashinfer, shapes: dict[str, tuple[int, int, int]], cos_sin: torch.Tensor, g: torch.Generator,
+                timing: bool) -> tuple[list[dict], bool]:
+    rows_out, ok = [], True
+    buffer = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    for name in MODELS:
+        heads, kv_heads, dim = shapes[name]
+        workspace = triton_decode.Workspace(max(DECODE_ROWS), kv_heads, heads // kv_heads, dim, torch.device("cuda"))
+        for rows in DECODE_ROWS:
+            for context in DECODE_CONTEXTS:
+                splits = triton_decode.default_splits(rows, kv_heads, torch.device("cuda"))
+                # Distinct caches per layer as in a decode step (no L2 reuse), within ~8 GB.
+                sets = max(1, min(LAYERS, (8 << 30) // (rows * context * kv_heads * dim * 4)))
+                inputs = [DecodeInputs(heads, kv_heads, dim, rows, context, g, cos_sin) for _ in range(sets)]
+                # The check, on fresh copies (the reference rewrites q and k in place).
+                i = inputs[0]
+                q, k, v = i.qkv.q.clone(), i.qkv.k.clone(), i.qkv.v.clone()
+                caches = i.k_cache.clone(), i.v_cache.clone()
+                got = _fused_decode(i, workspace, splits)()
+                got_k, got_v = i.k_cache.view(-1, kv_heads, dim)[i.out_loc], i.v_cache.view(-1, kv_heads, dim)[i.out_loc]
+                i.k_cache.copy_(caches[0])
+                i.v_cache.copy_(caches[1])
+                want = _flashinfer_decode(flashinfer, i, heads, kv_heads, dim, buffer)()
+                want_k, want_v = i.k_cache.view(-1, kv_heads, dim)[i.out_loc], i.v_cache.view(-1, kv_heads, dim)[i.out_loc]
+                i.qkv.q.copy_(q)
+                i.qkv.k.copy_(k)
+                assert torch.equal(i.qkv.v, v)
+                err = rel_err(got, want)
+                kv_err = max(rel_err(got_k, want_k), rel_err(got_v, want_v))
+                passed = err < 1e-2 and kv_err < 1e-2 and not bool(got.isnan().any())
+                ok &= passed
+                row = {"op": "decode_attention", "model": name, "rows": rows, "context": context, "splits": splits,
+                       "rel_err": err, "kv_rel_err": kv_err, "pass": passed}
+                if timing:
+                    row["flashinfer_us"] = round(graph_us([_flashinfer_decode(flashinfer, x, heads, kv_heads, dim,
+                                                                              buffer) for x in inputs]), 2)
+                    row["fused_us"] = round(graph_us([_fused_decode(x, workspace, splits) for x in inputs]), 2)
+                    if rows == 1 and context == 640:
+                        row["splits_us"] = {s: round(graph_us([_fused_decode(x, workspace, s) for x in inputs]), 2)
+                                            for s in DECODE_SPLITS}
+                rows_out.append(row)
+                print(f"{name:<11}rows={rows} context={context:<5} splits={splits:<3} rel_err {err:.2e} "
+                      f"kv {kv_err:.2e}" + (f"  flashinfer path {row['flashinfer_us']:7.2f} us  fused "
+                                           f"{row['fused_us']:7.2f} us" if timing else "")
+                      + (f"  splits {row['splits_us']}" if "splits_us" in row else ""), flush=True)
+                del inputs
+    return rows_out, ok
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 
@@ -466,6 +571,8 @@ def main() -> None:
                     help="also FlashInfer's append_paged_kv_cache (JIT-builds its page module when not cached)")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="the few-row linears only (kernels/triton_gemv.py)")
+    ap.add_argument("--decode", action="store_true",
+                    help="the fused decode attention only (kernels/triton_decode.py)")
     args = ap.parse_args()
     import flashinfer
     import triton
@@ -488,6 +595,13 @@ def main() -> None:
         if args.out:
             write_json(Path(args.out), report)
         print("GEMV ALL PASS" if report["all_pass"] else "SOME GEMV CHECKS FAILED")
+        return
+    if args.decode:
+        report["decode"], report["all_pass"] = decode_rows(flashinfer, shapes, cos_sin, g, timing=not args.skip_timing)
+        report["seconds"] = round(time.time() - t0, 1)
+        if args.out:
+            write_json(Path(args.out), report)
+        print("DECODE ALL PASS" if report["all_pass"] else "SOME DECODE CHECKS FAILED")
         return
     checks = {
         "qk_norm_rope": lambda: check_in_place(norm_rope_variants(), True, shapes, cos_sin, g),

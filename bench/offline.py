@@ -41,7 +41,8 @@ def _row(args: argparse.Namespace, system: str, tok_s: float, **extra) -> dict:
         "command": " ".join(["python -m llmrpc.bench.offline", *sys.argv[1:]]),
         "commit": args.commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "prefill_graph_max_tokens": args.prefill_graph_max_tokens, "flashinfer_prefill": args.flashinfer_prefill,
-        "flashinfer_decode": args.flashinfer_decode, "gemv_max_rows": args.gemv_max_rows, **extra,
+        "flashinfer_decode": args.flashinfer_decode, "gemv_max_rows": args.gemv_max_rows,
+        "fused_decode_max_rows": args.fused_decode_max_rows, **extra,
     }
 
 

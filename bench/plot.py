@@ -14,7 +14,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-KERNELS = ("flashinfer_prefill", "flashinfer_decode", "gemv_max_rows")  # shown on a bar when the rows beside it differ in them
+KERNELS = ("flashinfer_prefill", "flashinfer_decode", "gemv_max_rows", "fused_decode_max_rows")  # shown on a bar when the rows beside it differ in them
 
 
 def label(row: dict, kernels: bool = False) -> str:

@@ -46,6 +46,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256  # decode steps up to this many rows replay CUDA graphs; 0: always eager
     prefill_graph_max_tokens: int = 4096  # prefill steps up to this many tokens replay piecewise graphs; 0: eager
     gemv_max_rows: int = 2  # CUDA linears of up to this many rows run the fused Triton GEMV; 0: cuBLAS always
+    fused_decode_max_rows: int = 2  # graphed decode steps of up to this many rows: one Triton attention kernel
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     seed: int = 0
     tp_rank: int = 0
@@ -70,10 +71,14 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.prefill_graph_max_tokens < 0:
             raise ValueError(f"prefill_graph_max_tokens must be >= 0, got {self.prefill_graph_max_tokens}")
-        from llmrpc.kernels.triton_gemv import MAX_ROWS
+        from llmrpc.kernels import triton_decode, triton_gemv
 
-        if not 0 <= self.gemv_max_rows <= MAX_ROWS:
-            raise ValueError(f"gemv_max_rows (--gemv-max-rows) must be in [0, {MAX_ROWS}], got {self.gemv_max_rows}")
+        if not 0 <= self.gemv_max_rows <= triton_gemv.MAX_ROWS:
+            raise ValueError(f"gemv_max_rows (--gemv-max-rows) must be in [0, {triton_gemv.MAX_ROWS}], "
+                             f"got {self.gemv_max_rows}")
+        if not 0 <= self.fused_decode_max_rows <= triton_decode.MAX_ROWS:
+            raise ValueError(f"fused_decode_max_rows (--fused-decode-max-rows) must be in "
+                             f"[0, {triton_decode.MAX_ROWS}], got {self.fused_decode_max_rows}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.flashinfer_prefill not in FLASHINFER_PREFILL:

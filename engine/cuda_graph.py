@@ -58,7 +58,7 @@ class DecodeGraphs:
         self.out_loc = torch.full((self.max_bs,), self.scratch_loc, dtype=torch.long, device=device)
         self.pad_pages = torch.full((self.max_bs,), scratch_page, dtype=torch.int32, device=device)
         # A batch lists at most every page of the pool once, plus one scratch page per padded row.
-        attention.init_graphs(self.sizes, kv_pool.num_pages + self.max_bs)
+        attention.init_graphs(self.sizes, kv_pool.num_pages + self.max_bs, self.out_loc)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture()

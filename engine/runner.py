@@ -161,8 +161,8 @@ class ModelRunner:
         self.kv_pool = KVPool(mc.num_hidden_layers, num_pages + int(config.is_cuda), config.page_size,
                               attn0.num_kv_heads, mc.head_dim, config.max_slots, self.max_context,
                               kv_dtype, self.device, compute_dtype=self.dtype)
-        options = ({"prefill": config.flashinfer_prefill, "decode": config.flashinfer_decode}
-                   if backend == "flashinfer" else {})
+        options = ({"prefill": config.flashinfer_prefill, "decode": config.flashinfer_decode,
+                    "fused_decode_max_rows": config.fused_decode_max_rows} if backend == "flashinfer" else {})
         self.attention = create_attention_backend(backend, config.device, kv_pool=self.kv_pool,
                                                   scale=mc.head_dim ** -0.5, num_qo_heads=attn0.num_heads, **options)
         self.sampler = Sampler(config.max_slots, mc.vocab_size, self.device, config.seed)

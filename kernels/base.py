@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from llmrpc.engine.layers.norm import RMSNorm
+    from llmrpc.engine.layers.rotary import Rope
+    from llmrpc.kernels.triton_decode import FusedDecode
 
 
 @dataclass
@@ -46,11 +52,25 @@ class AttentionBackend(ABC):
     `plan()` runs once per step (host-side work, index building); `forward()` runs
     once per layer with q [T, qo_heads, head_dim] and k, v [T, kv_heads, head_dim]
     and returns the attention output [T, qo_heads, head_dim]. Attention is causal
-    within a row's new tokens and sees the row's whole cached prefix.
+    within a row's new tokens and sees the row's whole cached prefix. The model calls
+    `rope_forward()`, which rotates q and k first, or hands all of it to the fused
+    decode kernel when the step's plan chose that.
     """
+
+    # Set by the plan of a step whose attention runs as one fused kernel a layer (kernels/triton_decode.py).
+    fused_decode: FusedDecode | None = None
 
     @abstractmethod
     def plan(self, metadata: AttentionMetadata) -> None: ...
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor: ...
+
+    def rope_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, rope: Rope,
+                     q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """forward() of q and k rotated by `rope`, each head RMS-normalized first where norms are given
+        (Qwen3): as the rotation, the store and the attention apart, or as the planned fused decode."""
+        if self.fused_decode is not None:
+            return self.fused_decode(q, k, v, layer_id, rope, q_norm, k_norm)
+        q, k = rope(q, k, q_norm, k_norm)
+        return self.forward(q, k, v, layer_id)

@@ -23,7 +23,10 @@ used then, so a prompt attends over the same FP8 values whether its prefix was c
 
 For CUDA graphs the backend keeps one decode wrapper per captured batch size,
 each with fixed index buffers that `plan_graph()` refills before a replay; the
-captured kernels read those buffers, so the graph never changes.
+captured kernels read those buffers, so the graph never changes. Graphs of up to
+`fused_decode_max_rows` rows (EngineConfig) run no FlashInfer kernel: each layer's
+attention, with the Q/K norm, RoPE and K/V store before it, is one launch of
+kernels/triton_decode.py over the same buffers, which plan_graph() fills without a plan.
 
 `flashinfer` is imported here only: the CPU build never needs it.
 """
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llmrpc.kernels import fused
+from llmrpc.kernels import fused, triton_decode
 from llmrpc.kernels.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
@@ -48,7 +51,8 @@ WORKSPACE_BYTES = 256 << 20
 
 
 class _GraphDecode:
-    """A decode wrapper bound to fixed buffers for one captured batch size."""
+    """A decode wrapper bound to fixed buffers for one captured batch size; at a few rows, the fused
+    decode kernel over the same buffers instead (`fused`)."""
 
     def __init__(self, flashinfer, workspace: torch.Tensor, bs: int, max_pages: int, device: torch.device,
                  tensor_cores: bool) -> None:
@@ -60,6 +64,9 @@ class _GraphDecode:
             paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_page_len,
         )
+        self.fused: triton_decode.FusedDecode | None = None
+        # The fused path's indptr and last page lengths, staged here and copied asynchronously.
+        self.staged = torch.zeros(2 * bs + 1, dtype=torch.int32, pin_memory=True)
         # plan() stages its schedule in a pinned host buffer and copies it asynchronously; the
         # next plan of this wrapper must not overwrite that buffer before the GPU has read it.
         self.planned = torch.cuda.Event()
@@ -93,7 +100,7 @@ def decode_on_tensor_cores(choice: str) -> bool:
 
 class FlashInferAttentionBackend(AttentionBackend):
     def __init__(self, kv_pool: KVPool, scale: float, num_qo_heads: int, prefill: str = "auto",
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", fused_decode_max_rows: int = 0) -> None:
         import flashinfer
 
         self._fi = flashinfer
@@ -113,15 +120,20 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=self.prefill_kernel)
         self.decode_tensor_cores = decode_on_tensor_cores(decode)
+        # Graphed decode steps of up to this many rows run kernels/triton_decode.py, where it runs on this pool.
+        self.fused_decode_max_rows = (fused_decode_max_rows if triton_decode.supports(
+            self.kv_dtype, self.q_dtype, self.head_dim) else 0)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=self.decode_tensor_cores)
         self._graphs: dict[int, _GraphDecode] = {}
         self._active = self.prefill
         self._out_loc: torch.Tensor | None = None
         self._eager_planned = {id(w): torch.cuda.Event() for w in (self.prefill, self.ragged, self.decode)}
-        log.info("FlashInfer attention: %s prefill kernels%s, decode on %s cores", self.prefill_kernel,
+        log.info("FlashInfer attention: %s prefill kernels%s, decode on %s cores%s", self.prefill_kernel,
                  " (ragged when nothing is cached)" if self._ragged_ok else "",
-                 "tensor" if self.decode_tensor_cores else "CUDA")
+                 "tensor" if self.decode_tensor_cores else "CUDA",
+                 f" (Triton's fused decode up to {self.fused_decode_max_rows} rows)" if self.fused_decode_max_rows
+                 else "")
 
     # ---- planning -----------------------------------------------------------------
 
@@ -156,30 +168,51 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._eager_planned[id(wrapper)].record()
         self._active = wrapper
         self._out_loc = m.out_loc
+        self.fused_decode = None
 
     # ---- CUDA graphs of decode steps ------------------------------------------------
 
-    def init_graphs(self, batch_sizes: list[int], max_pages: int) -> None:
-        """One graph-mode decode wrapper per batch size; `max_pages`: most pages one batch may list."""
+    def init_graphs(self, batch_sizes: list[int], max_pages: int, out_loc: torch.Tensor) -> None:
+        """One graph-mode decode wrapper per batch size; `max_pages`: most pages one batch may list; `out_loc`:
+        the graphs' fixed buffer of where new K/V go (plan_graph's, its first bs entries for bs rows)."""
+        self._graph_out_loc = out_loc
+        fused_sizes = [bs for bs in batch_sizes if bs <= self.fused_decode_max_rows]
+        if fused_sizes:
+            workspace = triton_decode.Workspace(max(fused_sizes), self.num_kv_heads,
+                                                self.num_qo_heads // self.num_kv_heads, self.head_dim, self.device)
         for bs in batch_sizes:
-            self._graphs[bs] = _GraphDecode(self._fi, self.workspace, bs, max_pages, self.device,
-                                            self.decode_tensor_cores)
+            g = self._graphs[bs] = _GraphDecode(self._fi, self.workspace, bs, max_pages, self.device,
+                                                self.decode_tensor_cores)
+            if bs in fused_sizes:
+                g.fused = triton_decode.FusedDecode(
+                    self.kv_pool, self.scale, g.indptr, g.indices, g.last_page_len, self._graph_out_loc[:bs],
+                    workspace, triton_decode.default_splits(bs, self.num_kv_heads, self.device))
 
     def plan_graph(self, metadata: AttentionMetadata, out_loc: torch.Tensor) -> None:
         """Plans the wrapper of a captured size (`metadata` is already padded to it); K/V go to `out_loc`,
         the graph's own fixed buffer."""
         m = metadata
-        g = self._graphs[m.num_rows]
+        bs = m.num_rows
+        g = self._graphs[bs]
         if g.planned_once:
             g.planned.synchronize()
-        kv_indptr, kv_indices, last_page_len = self._plan_args(m)
-        g.wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
-                       self.head_dim, self.page_size, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
-                       sm_scale=self.scale)
+        if g.fused is not None:  # no FlashInfer plan: the kernel reads the page lists as they are
+            staged = g.staged.numpy()
+            staged[: bs + 1] = m.kv_indptr
+            staged[bs + 1:] = m.kv_last_page_len
+            g.indptr.copy_(g.staged[: bs + 1], non_blocking=True)
+            g.last_page_len.copy_(g.staged[bs + 1:], non_blocking=True)
+            g.indices[: m.kv_indices.numel()].copy_(m.kv_indices, non_blocking=True)
+        else:
+            kv_indptr, kv_indices, last_page_len = self._plan_args(m)
+            g.wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_qo_heads, self.num_kv_heads,
+                           self.head_dim, self.page_size, q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
+                           sm_scale=self.scale)
         g.planned.record()
         g.planned_once = True
         self._active = g.wrapper
         self._out_loc = out_loc
+        self.fused_decode = g.fused
 
     # ---- per layer ------------------------------------------------------------------
 

@@ -44,8 +44,9 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(q, k, self.q_norm, self.k_norm)  # Qwen3 normalizes each head first
-        return self.o_proj(attn.forward(q, k, v, self.layer_id).flatten(1)), residual
+        # Rotated (Qwen3: each head normalized first), stored and attended, or all in one kernel at a few rows.
+        o = attn.rope_forward(q, k, v, self.layer_id, rope, self.q_norm, self.k_norm)
+        return self.o_proj(o.flatten(1)), residual
 
 
 class LlamaMLP(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from llmrpc.engine.config import EngineConfig, ModelConfig
 from llmrpc.engine.runner import ModelRunner
 from llmrpc.engine.step import SlotParams, Step
-from llmrpc.kernels import fused, triton_gemv
+from llmrpc.kernels import fused, triton_decode, triton_gemv
 
 PAGE = 4
 CHUNK = 5  # prefill tokens per request per step
@@ -148,22 +148,49 @@ def _drive(runner: ModelRunner, hf_model, requests: list[Request], seed: int) ->
     return step_id
 
 
+def _plan_fused_decodes(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Makes every pure decode step's plan choose the fused kernel, as FlashInferAttentionBackend.plan_graph
+    does; returns the list the rows of each such step are appended to."""
+    attention, pool = runner.attention, runner.kv_pool
+    heads = runner.model_config.num_attention_heads
+    workspace = triton_decode.Workspace(8, pool.k[0].shape[2], heads // pool.k[0].shape[2], pool.k[0].shape[3],
+                                        pool.device)
+    plan, fused_steps = attention.plan, []
+
+    def plan_fused(m) -> None:
+        plan(m)
+        attention.fused_decode = None
+        if m.num_decode == m.num_rows:
+            fused_steps.append(m.num_rows)
+            attention.fused_decode = triton_decode.FusedDecode(
+                pool, attention.scale, torch.from_numpy(m.kv_indptr), m.kv_indices,
+                torch.from_numpy(m.kv_last_page_len), m.out_loc, workspace, splits=3)
+
+    monkeypatch.setattr(attention, "plan", plan_fused)
+    return fused_steps
+
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama-biases": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-@pytest.mark.parametrize(("kind", "linears"), [*((kind, "torch") for kind in ARCHITECTURES),
-                                               ("llama-biases", "gemv"), ("qwen3", "gemv"), ("qwen3_moe", "gemv")])
-def test_logits_match_transformers_in_mixed_batches(kind: str, linears: str, tmp_path: Path,
+@pytest.mark.parametrize(("kind", "kernels"), [*((kind, "torch") for kind in ARCHITECTURES),
+                                               ("llama-biases", "gemv"), ("qwen3", "gemv"), ("qwen3_moe", "gemv"),
+                                               ("qwen3", "fused-decode"), ("qwen3_moe", "fused-decode")])
+def test_logits_match_transformers_in_mixed_batches(kind: str, kernels: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """linears "gemv": every step of up to 16 rows runs its linears through kernels/triton_gemv.py (under the
-    interpreter, tests/conftest.py's switch; on a GPU that is CUDA steps of up to --gemv-max-rows)."""
-    if linears == "gemv":
+    """kernels "gemv": every step of up to 16 rows runs its linears through kernels/triton_gemv.py (under the
+    interpreter, tests/conftest.py's switch; on a GPU that is CUDA steps of up to --gemv-max-rows).
+    "fused-decode": every pure decode step's attention runs kernels/triton_decode.py over the step's pages, as
+    FlashInfer's decode graphs of up to --fused-decode-max-rows rows do on a GPU."""
+    if kernels != "torch":
         pytest.importorskip("triton")
+    if kernels == "gemv":
         monkeypatch.setattr(fused, "_gemv", lambda x, weight, kernel: x.shape[0] <= triton_gemv.MAX_ROWS)
     hf_model = _tiny_hf_model(kind, tmp_path)
     runner = ModelRunner(EngineConfig(model_path=str(tmp_path), page_size=PAGE, max_total_tokens=PAGE * 64,
                                       max_slots=8, max_context=128))
+    fused_steps = _plan_fused_decodes(runner, monkeypatch) if kernels == "fused-decode" else []
     expected_arch = ARCHITECTURES[kind]
     assert runner.info.architecture == expected_arch
     assert runner.info.num_pages == 64 and runner.info.context_length == 128
@@ -183,6 +210,8 @@ def test_logits_match_transformers_in_mixed_batches(kind: str, linears: str, tmp
     _drive(runner, hf_model, [shared], seed=2)
     assert steps > DECODE_STEPS
     assert all(len(r.generated) == DECODE_STEPS + 1 for r in requests + [shared])
+    if kernels == "fused-decode":  # decode steps of 3 rows and of 1 took it
+        assert 3 in fused_steps and 1 in fused_steps
 
 
 def test_model_config_reads_transformers_configs(tmp_path: Path) -> None:

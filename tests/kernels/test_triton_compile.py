@@ -18,7 +18,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from llmrpc.kernels import sampling, triton_fused, triton_gemv  # noqa: E402
+from llmrpc.kernels import sampling, triton_decode, triton_fused, triton_gemv  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -31,10 +31,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from llmrpc.kernels import sampling, triton_fused, triton_gemv
+from llmrpc.kernels import sampling, triton_decode, triton_fused, triton_gemv
 
 kernels = {"qk_norm_rope": lambda: triton_fused._kernels()[1], "store_kv": lambda: triton_fused._kernels()[2],
-           "race": sampling._triton_kernel, "gemv": lambda: triton_gemv._kernel()[1]}
+           "race": sampling._triton_kernel, "gemv": lambda: triton_gemv._kernel()[1],
+           "decode": lambda: triton_decode._kernel()[1]}
 name, signature, constexprs, aligned, out = json.loads(sys.argv[1])
 num_warps = constexprs.pop("num_warps", 4)
 names = list(signature)
@@ -133,4 +134,33 @@ def test_gemv_streams_weights_in_16_byte_loads_without_spills(k, n, prologue, ro
                   "BLOCK_K": tile.block_k, "num_warps": tile.num_warps}
     sass, usage = _inspect(sm90("gemv", GEMV_SIGNATURE, constexprs, aligned, tmp_path), tmp_path)
     assert "LDG.E.128" in sass and "LDG.E.U16" not in sass
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and usage["REG"] <= 128
+
+
+DECODE_SIGNATURE = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "q_row_stride": "i32", "k_row_stride": "i32",
+    "v_row_stride": "i32", "q_weight_ptr": "*bf16", "k_weight_ptr": "*bf16", "eps": "fp32", "positions_ptr": "*i64",
+    "cos_sin_ptr": "*fp32", "cos_sin_stride": "i32", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+    "kv_indptr_ptr": "*i32", "kv_indices_ptr": "*i32", "last_page_len_ptr": "*i32", "out_loc_ptr": "*i64",
+    "out_ptr": "*bf16", "partial_o_ptr": "*fp32", "partial_ml_ptr": "*fp32", "counters_ptr": "*i32",
+    "scale_log2": "fp32", "PAGE_SIZE": "constexpr", "KV_HEADS": "constexpr", "GROUP": "constexpr",
+    "HEAD_DIM": "constexpr", "NORM": "constexpr", "SPLITS": "constexpr", "GROUP_BLOCK": "constexpr",
+    "Q_BLOCK": "constexpr", "SPLITS_BLOCK": "constexpr", "BLOCK_N": "constexpr", "DOT_F32": "constexpr"}
+
+
+@pytest.mark.parametrize(("kv_heads", "group", "splits"), [(8, 2, 16), (8, 4, 16), (8, 2, 1)])  # Qwen3-0.6B, -8B
+def test_decode_attention_reads_pages_in_16_byte_loads_without_spills(kv_heads, group, splits,
+                                                                      tmp_path: Path) -> None:
+    """Qwen3-0.6B's and -8B's heads at bs=1: the cached K and V rows read 16 bytes at a time, the split
+    counter an atomic (none with one split), nothing spilled."""
+    aligned = tuple(name for name, kind in DECODE_SIGNATURE.items() if kind.startswith("*")) + (
+        "q_row_stride", "k_row_stride", "v_row_stride", "cos_sin_stride")
+    group_block = triton_decode._next_pow2(group)
+    constexprs = {"PAGE_SIZE": 16, "KV_HEADS": kv_heads, "GROUP": group, "HEAD_DIM": 128, "NORM": True,
+                  "SPLITS": splits, "GROUP_BLOCK": group_block, "SPLITS_BLOCK": triton_decode._next_pow2(splits),
+                  "Q_BLOCK": max(16, group_block), "BLOCK_N": triton_decode.BLOCK_N, "DOT_F32": False}
+    sass, usage = _inspect(sm90("decode", DECODE_SIGNATURE, constexprs, aligned, tmp_path), tmp_path)
+    # The pages in 16-byte loads (the new token's few elements a thread may load 2 bytes at a time).
+    assert sass.count("LDG.E.128") >= 8
+    assert ("ATOMG" in sass or "RED" in sass) == (splits > 1)
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and usage["REG"] <= 128

@@ -432,7 +432,8 @@ def gemv_summary(rows: list[dict]) -> dict:
 
 DECODE_ROWS = (1, 2, 4, 8)
 DECODE_CONTEXTS = (128, 640, 2048, 8192)
-DECODE_SPLITS = (4, 8, 16, 32)  # swept at one row and 640 tokens of context
+DECODE_SPLITS = (8, 16, 32)  # swept at one row and 640 and 8,192 tokens of context, with tokens a step and warps:
+DECODE_TILES = ((32, 8), (32, 4), (64, 8), (16, 4))
 
 
 class DecodeInputs:
@@ -472,11 +473,12 @@ def _flashinfer_decode(flashinfer, i: DecodeInputs, heads: int, kv_heads: int, d
     return run
 
 
-def _fused_decode(i: DecodeInputs, workspace: triton_decode.Workspace, splits: int) -> Callable[[], torch.Tensor]:
+def _fused_decode(i: DecodeInputs, workspace: triton_decode.Workspace, splits: int,
+                  tile: tuple[int, int] = (triton_decode.BLOCK_N, triton_decode.NUM_WARPS)) -> Callable[[], torch.Tensor]:
     x = i.qkv
     return lambda: triton_decode.decode_attention(
         x.q, x.k, x.v, i.k_cache, i.v_cache, i.indptr, i.indices, i.last_page_len, i.out_loc, i.positions,
-        x.cos_sin, x.q_weight, x.k_weight, EPS, x.q.shape[-1] ** -0.5, workspace, splits)
+        x.cos_sin, x.q_weight, x.k_weight, EPS, x.q.shape[-1] ** -0.5, workspace, splits, *tile)
 
 
 def decode_rows(flashinfer, shapes: dict[str, tuple[int, int, int]], cos_sin: torch.Tensor, g: torch.Generator,
@@ -515,9 +517,10 @@ def decode_rows(flashinfer, shapes: dict[str, tuple[int, int, int]], cos_sin: to
                     row["flashinfer_us"] = round(graph_us([_flashinfer_decode(flashinfer, x, heads, kv_heads, dim,
                                                                               buffer) for x in inputs]), 2)
                     row["fused_us"] = round(graph_us([_fused_decode(x, workspace, splits) for x in inputs]), 2)
-                    if rows == 1 and context == 640:
-                        row["splits_us"] = {s: round(graph_us([_fused_decode(x, workspace, s) for x in inputs]), 2)
-                                            for s in DECODE_SPLITS}
+                    if rows == 1 and context in (640, 8192):
+                        row["splits_us"] = {f"{s} splits, {n} tokens, {w} warps": round(graph_us(
+                            [_fused_decode(x, workspace, s, (n, w)) for x in inputs]), 2)
+                            for s in DECODE_SPLITS for n, w in DECODE_TILES}
                 rows_out.append(row)
                 print(f"{name:<11}rows={rows} context={context:<5} splits={splits:<3} rel_err {err:.2e} "
                       f"kv {kv_err:.2e}" + (f"  flashinfer path {row['flashinfer_us']:7.2f} us  fused "

@@ -158,9 +158,10 @@ def test_decode_attention_reads_pages_in_16_byte_loads_without_spills(kv_heads, 
     group_block = triton_decode._next_pow2(group)
     constexprs = {"PAGE_SIZE": 16, "KV_HEADS": kv_heads, "GROUP": group, "HEAD_DIM": 128, "NORM": True,
                   "SPLITS": splits, "GROUP_BLOCK": group_block, "SPLITS_BLOCK": triton_decode._next_pow2(splits),
-                  "Q_BLOCK": max(16, group_block), "BLOCK_N": triton_decode.BLOCK_N, "DOT_F32": False}
+                  "Q_BLOCK": max(16, group_block), "BLOCK_N": triton_decode.BLOCK_N, "DOT_F32": False,
+                  "num_warps": triton_decode.NUM_WARPS}
     sass, usage = _inspect(sm90("decode", DECODE_SIGNATURE, constexprs, aligned, tmp_path), tmp_path)
     # The pages in 16-byte loads (the new token's few elements a thread may load 2 bytes at a time).
-    assert sass.count("LDG.E.128") >= 8
+    assert sass.count("LDG.E.128") >= 8  # this block's K and V halves and the next block's
     assert ("ATOMG" in sass or "RED" in sass) == (splits > 1)
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and usage["REG"] <= 128

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 MAX_ROWS = 16  # the most rows EngineConfig.fused_decode_max_rows may route here
 MAX_SPLITS = 32
 BLOCK_N = 32  # cached tokens a program step: [32, head_dim / 2] K and V tiles, two of each (and the next block's)
-NUM_WARPS = 8  # 8: the tiles and their prefetch in registers without a spill (4 spill on sm_90)
+# 4 warps, with the tiles and their prefetch in 168 registers and an 8-16 byte stack frame on sm_90, measured
+# faster than 8 without one (bench/results/issue13/run29: 9.0 vs 10.5 µs at 640 tokens, 19.6 vs 20.0 at 8,192).
+NUM_WARPS = 4
 # The interpreter's tl.dot mishandles bfloat16 (numpy has none), so under it the dots' tiles go to float32 first;
 # on a GPU they stay in the model dtype, on tensor cores, the probabilities rounded to it as FlashInfer rounds them.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

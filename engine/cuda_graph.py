@@ -102,6 +102,7 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.logits[bs] = self._forward(bs)
                 self.graphs[bs] = graph
+        self.attention.fused_decode = None  # the last capture's; the next step plans its own
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 

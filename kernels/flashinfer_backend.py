@@ -65,10 +65,9 @@ class _GraphDecode:
             paged_kv_last_page_len_buffer=self.last_page_len,
         )
         self.fused: triton_decode.FusedDecode | None = None
-        # The fused path's indptr and last page lengths, staged here and copied asynchronously.
-        self.staged = torch.zeros(2 * bs + 1, dtype=torch.int32, pin_memory=True)
-        # plan() stages its schedule in a pinned host buffer and copies it asynchronously; the
-        # next plan of this wrapper must not overwrite that buffer before the GPU has read it.
+        self.staged: torch.Tensor | None = None  # the fused path's indptr and last page lengths (pinned)
+        # plan() stages its schedule in a pinned host buffer and copies it asynchronously, as the fused
+        # path does `staged`; the next plan must not overwrite either before the GPU has read it.
         self.planned = torch.cuda.Event()
         self.planned_once = False
 
@@ -175,17 +174,16 @@ class FlashInferAttentionBackend(AttentionBackend):
     def init_graphs(self, batch_sizes: list[int], max_pages: int, out_loc: torch.Tensor) -> None:
         """One graph-mode decode wrapper per batch size; `max_pages`: most pages one batch may list; `out_loc`:
         the graphs' fixed buffer of where new K/V go (plan_graph's, its first bs entries for bs rows)."""
-        self._graph_out_loc = out_loc
         fused_sizes = [bs for bs in batch_sizes if bs <= self.fused_decode_max_rows]
-        if fused_sizes:
-            workspace = triton_decode.Workspace(max(fused_sizes), self.num_kv_heads,
-                                                self.num_qo_heads // self.num_kv_heads, self.head_dim, self.device)
+        workspace = triton_decode.Workspace(max(fused_sizes), self.num_kv_heads, self.num_qo_heads // self.num_kv_heads,
+                                            self.head_dim, self.device) if fused_sizes else None
         for bs in batch_sizes:
             g = self._graphs[bs] = _GraphDecode(self._fi, self.workspace, bs, max_pages, self.device,
                                                 self.decode_tensor_cores)
-            if bs in fused_sizes:
+            if workspace is not None and bs in fused_sizes:
+                g.staged = torch.zeros(2 * bs + 1, dtype=torch.int32, pin_memory=True)
                 g.fused = triton_decode.FusedDecode(
-                    self.kv_pool, self.scale, g.indptr, g.indices, g.last_page_len, self._graph_out_loc[:bs],
+                    self.kv_pool, self.scale, g.indptr, g.indices, g.last_page_len, out_loc[:bs],
                     workspace, triton_decode.default_splits(bs, self.num_kv_heads, self.device))
 
     def plan_graph(self, metadata: AttentionMetadata, out_loc: torch.Tensor) -> None:
@@ -196,7 +194,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         g = self._graphs[bs]
         if g.planned_once:
             g.planned.synchronize()
-        if g.fused is not None:  # no FlashInfer plan: the kernel reads the page lists as they are
+        if g.fused is not None and g.staged is not None:  # no FlashInfer plan: the kernel reads the page lists
+            assert out_loc.data_ptr() == g.fused.out_loc.data_ptr(), "the graphs' out_loc, as init_graphs bound it"
             staged = g.staged.numpy()
             staged[: bs + 1] = m.kv_indptr
             staged[bs + 1:] = m.kv_last_page_len

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from typing import TYPE_CHECKING
-
 from llmrpc.kernels import triton_fused
+from llmrpc.kernels.triton_gemv import next_pow2
 
 if TYPE_CHECKING:
     from llmrpc.engine.kv_cache import KVPool
@@ -45,9 +44,6 @@ BLOCK_N = 32  # cached tokens a program step: [32, head_dim / 2] K and V tiles, 
 # 4 warps, with the tiles and their prefetch in 168 registers and an 8-16 byte stack frame on sm_90, measured
 # faster than 8 without one (bench/results/issue13/run29: 9.0 vs 10.5 µs at 640 tokens, 19.6 vs 20.0 at 8,192).
 NUM_WARPS = 4
-# The interpreter's tl.dot mishandles bfloat16 (numpy has none), so under it the dots' tiles go to float32 first;
-# on a GPU they stay in the model dtype, on tensor cores, the probabilities rounded to it as FlashInfer rounds them.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available() -> bool:
@@ -58,10 +54,6 @@ def supports(kv_dtype: torch.dtype, q_dtype: torch.dtype, head_dim: int) -> bool
     """Whether the kernel runs on this pool: pages in the model's 16-bit dtype, a power-of-two head dim."""
     return (available() and kv_dtype == q_dtype and q_dtype in (torch.float16, torch.bfloat16)
             and head_dim >= 32 and head_dim & (head_dim - 1) == 0)  # a tensor-core dot's K of half a head >= 16
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def default_splits(rows: int, kv_heads: int, device: torch.device) -> int:
@@ -78,8 +70,8 @@ class Workspace:
     finds itself by; for up to `max_rows` rows. The counters start at zero and each launch leaves them so."""
 
     def __init__(self, max_rows: int, kv_heads: int, group: int, head_dim: int, device: torch.device) -> None:
-        self.max_rows, self.kv_heads = max_rows, kv_heads
-        group_block = _next_pow2(group)
+        self.max_rows, self.kv_heads, self.group, self.head_dim = max_rows, kv_heads, group, head_dim
+        group_block = next_pow2(group)
         self.partial_o = torch.empty(max_rows * kv_heads * MAX_SPLITS * group_block * head_dim, dtype=torch.float32,
                                      device=device)
         self.partial_ml = torch.empty(max_rows * kv_heads * MAX_SPLITS * group_block * 2, dtype=torch.float32,
@@ -272,23 +264,28 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                          f"with heads packed and heads a multiple of kv_heads")
     if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.dtype != q.dtype or not k_cache.is_contiguous():
         raise ValueError(f"k_cache {tuple(k_cache.shape)} {k_cache.dtype} does not hold k {tuple(k.shape)} {q.dtype}")
-    if rows > workspace.max_rows or kv_heads != workspace.kv_heads or not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"{rows} rows, {kv_heads} KV heads, {splits} splits: the workspace holds "
-                         f"{workspace.max_rows} rows of {workspace.kv_heads} KV heads, at most {MAX_SPLITS} splits")
+    if (rows > workspace.max_rows or (kv_heads, heads // kv_heads, head_dim) != (
+            workspace.kv_heads, workspace.group, workspace.head_dim) or not 1 <= splits <= MAX_SPLITS):
+        raise ValueError(f"{rows} rows of {kv_heads} KV heads x {heads // kv_heads} x {head_dim}, {splits} splits: "
+                         f"the workspace holds {workspace.max_rows} rows of {workspace.kv_heads} KV heads x "
+                         f"{workspace.group} x {workspace.head_dim}, at most {MAX_SPLITS} splits")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if rows == 0:
         return out
     triton, kernel = _kernel()
     group = heads // kv_heads
-    group_block = _next_pow2(group)
+    group_block = next_pow2(group)
     norm = q_weight is not None
     kernel[(rows, kv_heads, splits)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), q_weight if norm else q, k_weight if norm else k, eps,
         positions, cos_sin, cos_sin.stride(0), k_cache, v_cache, kv_indptr, kv_indices, last_page_len, out_loc,
         out, workspace.partial_o, workspace.partial_ml, workspace.counters, scale * math.log2(math.e),
         PAGE_SIZE=k_cache.shape[1], KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, NORM=norm, SPLITS=splits,
-        GROUP_BLOCK=group_block, Q_BLOCK=max(16, group_block), SPLITS_BLOCK=_next_pow2(splits), BLOCK_N=block_n,
-        DOT_F32=INTERPRETED, num_warps=num_warps)
+        GROUP_BLOCK=group_block, Q_BLOCK=max(16, group_block), SPLITS_BLOCK=next_pow2(splits), BLOCK_N=block_n,
+        # The interpreter (CPU tensors) mishandles bfloat16 in tl.dot (numpy has none): its tiles go to float32
+        # first. On a GPU they stay in the model dtype, on tensor cores, the probabilities rounded to it as
+        # FlashInfer rounds them.
+        DOT_F32=q.device.type != "cuda", num_warps=num_warps)
     return out
 
 
@@ -304,6 +301,7 @@ class FusedDecode:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, rope: Rope,
                  q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> torch.Tensor:
+        assert (q_norm is None) == (k_norm is None), "Qwen3's per-head norms come in pairs"
         return decode_attention(
             q, k, v, self.kv_pool.k[layer_id], self.kv_pool.v[layer_id], self.kv_indptr, self.kv_indices,
             self.last_page_len, self.out_loc, rope.positions, rope.cos_sin,

@@ -48,7 +48,7 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -57,8 +57,8 @@ def default_tile(n: int, k: int) -> Tile:
     K allows up to 2,048, so each program has its whole share of the weights in flight in one or two steps,
     and there are ~2 programs or more per SM on an H200 for Qwen3-0.6B's and -8B's linears
     (bench/kernel_check.py --gemv sweeps the alternatives)."""
-    block_k = min(_next_pow2(k), 2048)
-    block_n = max(1, min(8192 // block_k, _next_pow2(n)))
+    block_k = min(next_pow2(k), 2048)
+    block_n = max(1, min(8192 // block_k, next_pow2(n)))
     return Tile(block_n, block_k, 8 if block_k >= 2048 else 4)  # 8 warps: x's 4 rows of 2,048 fit in registers
 
 
@@ -148,6 +148,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     kernel[(triton.cdiv(n, tile.block_n),)](
         x, res, residual_out if residual_out is not None else y, norm_weight if norm_weight is not None else weight,
         weight, bias if bias is not None else weight, y, m, n, x.stride(0), res.stride(0), y.stride(0), eps,
-        K=k, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_M=max(_next_pow2(m), 1),
+        K=k, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_M=max(next_pow2(m), 1),
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps)
     return y, residual_out

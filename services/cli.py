@@ -181,8 +181,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> Flags:
         g.add_argument("--fused-decode-max-rows", type=_non_negative_int, default=_env("fused_decode_max_rows", 2),
                        help="CUDA-graphed decode steps of up to this many rows run each layer's attention as one "
                             "Triton kernel (Q/K norm, RoPE, K/V store, split-KV attention and its merge) instead of "
-                            "FlashInfer's decode and the kernels around it (kernels/triton_decode.py); 0: never, "
-                            "at most 16"),
+                            "FlashInfer's decode and the kernels around it (kernels/triton_decode.py); counted in "
+                            "captured graph sizes (1, 2, 4, 8, 16: 3 acts as 2); 0: never, at most 16"),
         g.add_argument("--load-format", default=_env("load_format", "auto"),
                        choices=["auto", "safetensors", "gguf", "dummy"]),
         g.add_argument("--tp", dest="tp_size", type=int, metavar="N", default=_env("tp", 1), help="tensor-parallel ranks"),

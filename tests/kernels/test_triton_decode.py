@@ -45,6 +45,8 @@ CASES = [  # kv_lens, heads, kv_heads, head_dim, page_size, norm, splits
     ([300, 7], 8, 2, 64, 1, True, 5),  # 1-token pages, a group of 4, rows of unequal length
     ([65, 129, 2], 4, 4, 64, 16, False, 3),  # no GQA, no norm (Llama)
     ([33], 6, 2, 64, 8, True, 1),  # a group of 3: padded to 4 in the tile
+    ([70], 6, 2, 64, 8, True, 3),  # ... and merged over splits
+    ([1, 50], 4, 2, 64, 16, True, 4),  # a row with nothing cached beside one split four ways (a padded graph row)
 ]
 
 
@@ -110,7 +112,7 @@ def test_decode_attention_refuses_what_it_cannot_run() -> None:
     i32 = torch.zeros(3, dtype=torch.int32)
     args = (cache, cache, i32, i32, i32, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
             torch.zeros(8, 64), None, None, 1e-6, 0.125, workspace, 2)
-    with pytest.raises(ValueError, match="workspace holds 1 rows"):
+    with pytest.raises(ValueError, match="the workspace holds 1 rows"):
         triton_decode.decode_attention(q, k, k, *args)
     with pytest.raises(ValueError, match="heads packed"):
         triton_decode.decode_attention(q[:, :, :32], k, k, *args)

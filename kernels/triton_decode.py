@@ -46,13 +46,9 @@ BLOCK_N = 32  # cached tokens a program step: [32, head_dim / 2] K and V tiles, 
 NUM_WARPS = 4
 
 
-def available() -> bool:
-    return triton_fused.available()
-
-
 def supports(kv_dtype: torch.dtype, q_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel runs on this pool: pages in the model's 16-bit dtype, a power-of-two head dim."""
-    return (available() and kv_dtype == q_dtype and q_dtype in (torch.float16, torch.bfloat16)
+    return (triton_fused.available() and kv_dtype == q_dtype and q_dtype in (torch.float16, torch.bfloat16)
             and head_dim >= 32 and head_dim & (head_dim - 1) == 0)  # a tensor-core dot's K of half a head >= 16
 
 
@@ -240,10 +236,6 @@ def _kernel():
     return triton, decode_kernel
 
 
-def _heads_packed(x: torch.Tensor) -> bool:
-    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      kv_indptr: torch.Tensor, kv_indices: torch.Tensor, last_page_len: torch.Tensor,
                      out_loc: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -259,7 +251,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     `block_n` tokens a step (bench/kernel_check.py --decode sweeps them and `num_warps`)."""
     rows, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    if not (_heads_packed(q) and _heads_packed(k) and _heads_packed(v)) or heads % kv_heads or head_dim % 2:
+    packed = all(x.dim() == 3 and triton_fused.heads_packed(x) for x in (q, k, v))
+    if not packed or heads % kv_heads or head_dim % 2:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need [B, heads, head_dim] "
                          f"with heads packed and heads a multiple of kv_heads")
     if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.dtype != q.dtype or not k_cache.is_contiguous():

@@ -103,7 +103,7 @@ def _kernels():
     return triton, qk_norm_rope_kernel, store_kv_kernel
 
 
-def _heads_packed(x: torch.Tensor) -> bool:
+def heads_packed(x: torch.Tensor) -> bool:
     """[T, heads, head_dim] whose heads lie back to back in each row (any row stride)."""
     return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
@@ -114,7 +114,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     """In place: q [T, heads, d] and k [T, kv_heads, d] (heads packed in each row, rows any stride), each
     head RMS-normalized by its weight when weights are given, then rotated; cos_sin [max_pos, d] float32."""
     num_tokens, num_q_heads, head_dim = q.shape
-    if not (_heads_packed(q) and _heads_packed(k)) or k.shape[0] != num_tokens or k.shape[2] != head_dim:
+    if not (heads_packed(q) and heads_packed(k)) or k.shape[0] != num_tokens or k.shape[2] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: need [T, heads, head_dim] with heads packed")
     if cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32 or cos_sin.stride(1) != 1:
         raise ValueError(f"cos_sin {tuple(cos_sin.shape)} {cos_sin.dtype}: need [max_pos, {head_dim}] float32")
@@ -135,8 +135,8 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
-    k = k if _heads_packed(k) else k.contiguous()
-    v = v if _heads_packed(v) else v.contiguous()
+    k = k if heads_packed(k) else k.contiguous()
+    v = v if heads_packed(v) else v.contiguous()
     row = k.shape[1] * k.shape[2]
     triton, _, kernel = _kernels()
     block_c = min(triton.next_power_of_2(row), 1024)

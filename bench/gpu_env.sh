@@ -35,3 +35,24 @@ merge() {
 }
 # mini-sglang (the seed) on the same shapes: $SEED CONFIG_DIR offline,decode,ttft
 SEED="env PYTHONPATH=.anchors/mini-sglang/python:$PYTHONPATH python3 .anchors/run_minisglang.py"
+# gpu_check_step SECONDS: gpu_check as step gpu_check (JSON in $OUT/raw), then its verdict lines.
+gpu_check_step() {
+  step gpu_check "$1" python3 -m llmrpc.bench.gpu_check --out "$OUT/raw/gpu_check.json"
+  grep -E "^(greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED|Error" "$L/gpu_check.log" | cut -c1-300
+}
+# lat NAME SECONDS ARGS...: bench/latency.py on $M, 3 repeats, as step NAME; its rows in $OUT/raw/NAME.json.
+lat() {
+  local name=$1 secs=$2; shift 2
+  step "$name" "$secs" python3 -m llmrpc.bench.latency --model "$M" --repeats 3 --commit "$COMMIT" --log-dir "$L" \
+    --out "$OUT/raw/$name.json" "$@"
+}
+# seed_report MODEL FILES...: the latency and seed logs' figure lines; FILES' rows merged, in that order (the
+# summary's engine and stack are the first rows of each), into $OUT/raw/latency-MODEL.json; seed_compare's table
+# of them beside mini-sglang's from $L/seed.log.
+seed_report() {
+  local model=$1; shift
+  grep -hE "^(engine|stack)[^:]*: |mini-sglang (single|TTFT)|Error" "$L"/latency_*.log "$L/seed.log" | cut -c1-200
+  merge "$OUT/raw/latency-$model.json" "$@"
+  python3 -m llmrpc.bench.seed_compare --model "$model" --latency "$OUT/raw/latency-$model.json" \
+    --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
+}

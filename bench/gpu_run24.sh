@@ -8,17 +8,11 @@ start_run
 M=bench/configs/qwen3-0.6b
 BUDGET=560
 step gemv 130 python3 -m llmrpc.bench.kernel_check --gemv --out "$OUT/raw/kernel-check-gemv.json"
-step gpu_check 250 python3 -m llmrpc.bench.gpu_check --out "$OUT/raw/gpu_check.json"
-save_fi_cache
-lat() { local name=$1; shift; step "$name" 55 python3 -m llmrpc.bench.latency --model $M --systems engine \
-  --repeats 3 --commit "$COMMIT" --log-dir "$L" --out "$OUT/raw/$name.json" "$@"; }
-lat latency_gemv4 --gemv-max-rows 4
-lat latency_gemv0 --gemv-max-rows 0
-step seed 60 $SEED $M decode,ttft
 grep -E "rows1|ALL PASS|FAILED|Error" "$L/gemv.log" | cut -c1-400
-grep -E "^(greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED|Error" "$L/gpu_check.log" | cut -c1-300
-grep -hE "^(engine)[^:]*: |mini-sglang (single|TTFT)|Error" "$L"/latency_*.log "$L/seed.log" | cut -c1-200
-merge "$OUT/raw/latency-qwen3-0.6b.json" "$OUT"/raw/latency_gemv*.json
-python3 -m llmrpc.bench.seed_compare --model qwen3-0.6b --latency "$OUT/raw/latency-qwen3-0.6b.json" \
-  --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
+gpu_check_step 250
+save_fi_cache
+lat latency_gemv4 55 --systems engine --gemv-max-rows 4
+lat latency_gemv0 55 --systems engine --gemv-max-rows 0
+step seed 60 $SEED $M decode,ttft
+seed_report qwen3-0.6b "$OUT"/raw/latency_gemv*.json
 pack_logs

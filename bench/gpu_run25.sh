@@ -6,16 +6,10 @@ source bench/gpu_env.sh
 start_run
 M=bench/configs/qwen3-0.6b
 BUDGET=540
-step gpu_check 150 python3 -m llmrpc.bench.gpu_check --out "$OUT/raw/gpu_check.json"
-lat() { local name=$1; shift; step "$name" 70 python3 -m llmrpc.bench.latency --model $M --repeats 3 \
-  --commit "$COMMIT" --log-dir "$L" --out "$OUT/raw/$name.json" "$@"; }
-lat latency_gemv2 --systems engine
-lat latency_gemv0 --systems engine --gemv-max-rows 0
-lat latency_stack --systems stack --decode-steps-list 1,8
+gpu_check_step 150
+lat latency_gemv2 70 --systems engine
+lat latency_gemv0 70 --systems engine --gemv-max-rows 0
+lat latency_stack 70 --systems stack --decode-steps-list 1,8
 step seed 110 $SEED $M decode,ttft
-grep -E "^(greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED|Error" "$L/gpu_check.log" | cut -c1-300
-grep -hE "^(engine|stack)[^:]*: |mini-sglang (single|TTFT)|Error" "$L"/latency_*.log "$L/seed.log" | cut -c1-200
-merge "$OUT/raw/latency-qwen3-0.6b.json" "$OUT"/raw/latency_*.json
-python3 -m llmrpc.bench.seed_compare --model qwen3-0.6b --latency "$OUT/raw/latency-qwen3-0.6b.json" \
-  --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
+seed_report qwen3-0.6b "$OUT"/raw/latency_*.json
 pack_logs

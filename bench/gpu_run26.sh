@@ -5,10 +5,7 @@ source bench/gpu_env.sh
 start_run
 M=bench/configs/qwen3-0.6b
 BUDGET=330
-step latency_stack 150 python3 -m llmrpc.bench.latency --model $M --systems stack --decode-steps-list 1,8 \
-  --repeats 3 --commit "$COMMIT" --log-dir "$L" --out "$OUT/raw/latency-qwen3-0.6b.json"
+lat latency_stack 150 --systems stack --decode-steps-list 1,8
 step seed 110 $SEED $M decode,ttft
-grep -hE "^(stack)[^:]*: |mini-sglang (single|TTFT)|Error" "$L"/latency_stack.log "$L/seed.log" | cut -c1-200
-python3 -m llmrpc.bench.seed_compare --model qwen3-0.6b --latency "$OUT/raw/latency-qwen3-0.6b.json" \
-  --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
+seed_report qwen3-0.6b "$OUT/raw/latency_stack.json"
 pack_logs

@@ -7,9 +7,8 @@ source bench/gpu_env.sh
 start_run
 BUDGET=560
 step kernel_check_decode 200 python3 -m llmrpc.bench.kernel_check --decode --out "$OUT/raw/kernel-check-decode.json"
-step gpu_check 330 python3 -m llmrpc.bench.gpu_check --out "$OUT/raw/gpu_check.json"
 grep -E "^qwen3|ALL PASS|FAILED|Error|error" "$L/kernel_check_decode.log" | cut -c1-250
-grep -E "^(greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED|Error" "$L/gpu_check.log" | cut -c1-300
+gpu_check_step 330
 cp "$OUT/raw/kernel-check-decode.json" "$OUT/raw/gpu_check.json" "$OUT/" 2>/dev/null
 save_fi_cache
 pack_logs

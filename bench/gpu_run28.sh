@@ -5,14 +5,9 @@ source bench/gpu_env.sh
 start_run
 M=bench/configs/qwen3-0.6b
 BUDGET=540
-lat() { local name=$1; shift; step "$name" 90 python3 -m llmrpc.bench.latency --model $M --repeats 3 \
-  --commit "$COMMIT" --log-dir "$L" --out "$OUT/raw/$name.json" "$@"; }
-lat latency_fused2 --systems engine
-lat latency_fused0 --systems engine --fused-decode-max-rows 0
-lat latency_stack --systems stack --decode-steps-list 1,8
+lat latency_fused2 90 --systems engine
+lat latency_fused0 90 --systems engine --fused-decode-max-rows 0
+lat latency_stack 90 --systems stack --decode-steps-list 1,8
 step seed 110 $SEED $M decode,ttft
-grep -hE "^(engine|stack)[^:]*: |mini-sglang (single|TTFT)|Error" "$L"/latency_*.log "$L/seed.log" | cut -c1-200
-merge "$OUT/raw/latency-qwen3-0.6b.json" "$OUT"/raw/latency_*.json
-python3 -m llmrpc.bench.seed_compare --model qwen3-0.6b --latency "$OUT/raw/latency-qwen3-0.6b.json" \
-  --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
+seed_report qwen3-0.6b "$OUT"/raw/latency_*.json
 pack_logs

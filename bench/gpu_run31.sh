@@ -8,7 +8,5 @@ BUDGET=400
 step latency_8b 170 python3 -m llmrpc.bench.latency --model $M --repeats 2 --systems engine,stack \
   --decode-steps-list 8 --commit "$COMMIT" --log-dir "$L" --out "$OUT/raw/latency-qwen3-8b.json"
 step seed 200 $SEED $M decode,ttft
-grep -hE "^(engine|stack)[^:]*: |mini-sglang (single|TTFT)|Error" "$L"/latency_8b.log "$L/seed.log" | cut -c1-200
-python3 -m llmrpc.bench.seed_compare --model qwen3-8b --latency "$OUT/raw/latency-qwen3-8b.json" \
-  --seed-log "$L/seed.log" --out-dir "$OUT" | grep -v "^wrote"
+seed_report qwen3-8b "$OUT/raw/latency-qwen3-8b.json"
 pack_logs

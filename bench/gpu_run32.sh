@@ -4,6 +4,6 @@
 source bench/gpu_env.sh
 start_run
 BUDGET=200
-step gpu_check 170 python3 -m llmrpc.bench.gpu_check --out "$OUT/gpu_check.json"
-grep -E "^(greedy_qwen3_random|logits_vs_transformers) |ALL PASS|FAILED|Error" "$L/gpu_check.log" | cut -c1-300
+gpu_check_step 170
+cp "$OUT/raw/gpu_check.json" "$OUT/"
 pack_logs

@@ -27,7 +27,8 @@ at one row.
 split-KV attention and merge in one launch) against what it replaces (the Triton Q/K norm + RoPE and K/V store,
 then FlashInfer's decode on tensor cores) at Qwen3-0.6B's and -8B's heads, 1-8 rows, 128-8,192 tokens of
 context: the outputs and the stored K/V compared; device time per layer in graphs over distinct caches, and a
-sweep of split counts at one row.
+sweep of split counts at one row. --decode --decode-batch does the same at an offline run's batches: 32-256 rows
+whose contexts are spread around 512 and 1,024 tokens, with each path's K/V read rate.
 """
 from __future__ import annotations
 
@@ -434,23 +435,28 @@ DECODE_ROWS = (1, 2, 4, 8)
 DECODE_CONTEXTS = (128, 640, 2048, 8192)
 DECODE_SPLITS = (8, 16, 32)  # swept at one row and 640 and 8,192 tokens of context, with tokens a step and warps:
 DECODE_TILES = ((32, 8), (32, 4), (64, 8), (16, 4))
+DECODE_BATCH_ROWS = (32, 64, 256)  # --decode-batch: an offline run's decode steps
+DECODE_BATCH_CONTEXTS = (512, 1024)
 
 
 class DecodeInputs:
-    """One layer's decode step: `rows` sequences of `context` tokens (the new one last) on shuffled pages of
-    a random bf16 cache, and their new tokens' fused QKV output."""
+    """One layer's decode step: rows of `contexts` tokens each (the new one last) on shuffled pages of a
+    random bf16 cache, and their new tokens' fused QKV output."""
 
-    def __init__(self, heads: int, kv_heads: int, dim: int, rows: int, context: int, g: torch.Generator,
+    def __init__(self, heads: int, kv_heads: int, dim: int, contexts: Sequence[int], g: torch.Generator,
                  cos_sin: torch.Tensor) -> None:
-        per_row = -(-context // PAGE)
-        self.k_cache = torch.randn(rows * per_row + 1, PAGE, kv_heads, dim, generator=g, device="cuda").to(torch.bfloat16)
+        rows = len(contexts)
+        ctx = torch.tensor(contexts, dtype=torch.int32, device="cuda")
+        per_row = (ctx + PAGE - 1) // PAGE
+        pages = int(per_row.sum())
+        self.k_cache = torch.randn(pages + 1, PAGE, kv_heads, dim, generator=g, device="cuda").to(torch.bfloat16)
         self.v_cache = torch.randn(self.k_cache.shape, generator=g, device="cuda").to(torch.bfloat16)
-        self.indices = torch.randperm(rows * per_row, generator=g, device="cuda").to(torch.int32)
-        self.indptr = torch.arange(0, rows * per_row + 1, per_row, dtype=torch.int32, device="cuda")
-        self.last_page_len = torch.full((rows,), context - (per_row - 1) * PAGE, dtype=torch.int32, device="cuda")
+        self.indices = torch.randperm(pages, generator=g, device="cuda").to(torch.int32)
+        self.indptr = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]).to(torch.int32)
+        self.last_page_len = ctx - (per_row - 1) * PAGE
         last_pages = self.indices[self.indptr[1:].long() - 1].long()
         self.out_loc = last_pages * PAGE + self.last_page_len.long() - 1
-        self.positions = torch.full((rows,), context - 1, dtype=torch.long, device="cuda")
+        self.positions = ctx.long() - 1
         self.qkv = Inputs(heads, kv_heads, dim, rows, g, cos_sin)  # its q/k/v views, norm weights, cos_sin
         self.qkv.positions = self.positions
 
@@ -481,53 +487,79 @@ def _fused_decode(i: DecodeInputs, workspace: triton_decode.Workspace, splits: i
         x.cos_sin, x.q_weight, x.k_weight, EPS, x.q.shape[-1] ** -0.5, workspace, splits, *tile)
 
 
+def _decode_case(flashinfer, name: str, shape: tuple[int, int, int], contexts: list[int], label: int,
+                 workspace: triton_decode.Workspace, splits: int, buffer: torch.Tensor, g: torch.Generator,
+                 cos_sin: torch.Tensor, timing: bool, sweep: Sequence[int] = ()) -> dict:
+    """One (rows, contexts) case: the fused kernel's output and stored K/V against the FlashInfer path's, and
+    with `timing` both timed in graphs over distinct caches; with `sweep`, those split counts x DECODE_TILES."""
+    heads, kv_heads, dim = shape
+    rows = len(contexts)
+    # Distinct caches per layer as in a decode step (no L2 reuse), within ~8 GB.
+    sets = max(1, min(LAYERS, (8 << 30) // (sum(contexts) * kv_heads * dim * 4)))
+    inputs = [DecodeInputs(heads, kv_heads, dim, contexts, g, cos_sin) for _ in range(sets)]
+    # The check, on fresh copies (the reference rewrites q and k in place).
+    i = inputs[0]
+    q, k, v = i.qkv.q.clone(), i.qkv.k.clone(), i.qkv.v.clone()
+    caches = i.k_cache.clone(), i.v_cache.clone()
+    got = _fused_decode(i, workspace, splits)()
+    got_k, got_v = i.k_cache.view(-1, kv_heads, dim)[i.out_loc], i.v_cache.view(-1, kv_heads, dim)[i.out_loc]
+    i.k_cache.copy_(caches[0])
+    i.v_cache.copy_(caches[1])
+    want = _flashinfer_decode(flashinfer, i, heads, kv_heads, dim, buffer)()
+    want_k, want_v = i.k_cache.view(-1, kv_heads, dim)[i.out_loc], i.v_cache.view(-1, kv_heads, dim)[i.out_loc]
+    i.qkv.q.copy_(q)
+    i.qkv.k.copy_(k)
+    assert torch.equal(i.qkv.v, v)
+    err = rel_err(got, want)
+    kv_err = max(rel_err(got_k, want_k), rel_err(got_v, want_v))
+    passed = err < 1e-2 and kv_err < 1e-2 and not bool(got.isnan().any())
+    row = {"op": "decode_attention", "model": name, "rows": rows, "context": label, "splits": splits,
+           "rel_err": err, "kv_rel_err": kv_err, "pass": passed}
+    if label != contexts[0] or len(set(contexts)) > 1:
+        row["contexts"] = [min(contexts), max(contexts)]
+    if timing:
+        row["flashinfer_us"] = round(graph_us([_flashinfer_decode(flashinfer, x, heads, kv_heads, dim, buffer)
+                                               for x in inputs]), 2)
+        row["fused_us"] = round(graph_us([_fused_decode(x, workspace, splits) for x in inputs]), 2)
+        if sweep:
+            row["splits_us"] = {f"{s} splits, {n} tokens, {w} warps": round(graph_us(
+                [_fused_decode(x, workspace, s, (n, w)) for x in inputs]), 2)
+                for s in sweep for n, w in DECODE_TILES}
+        # What the fused kernel reads (the cached K/V) over its time, for the large batches' bandwidth.
+        row["fused_tb_s"] = round(sum(contexts) * kv_heads * dim * 4 / row["fused_us"] / 1e6, 2)
+        row["flashinfer_tb_s"] = round(sum(contexts) * kv_heads * dim * 4 / row["flashinfer_us"] / 1e6, 2)
+    print(f"{name:<11}rows={rows:<3} context={label:<5} splits={splits:<3} rel_err {err:.2e} kv {kv_err:.2e}"
+          + (f"  flashinfer path {row['flashinfer_us']:7.2f} us ({row['flashinfer_tb_s']:.2f} TB/s)  fused "
+             f"{row['fused_us']:7.2f} us ({row['fused_tb_s']:.2f} TB/s)" if timing else "")
+          + (f"  splits {row['splits_us']}" if "splits_us" in row else ""), flush=True)
+    del inputs
+    return row
+
+
 def decode_rows(flashinfer, shapes: dict[str, tuple[int, int, int]], cos_sin: torch.Tensor, g: torch.Generator,
-                timing: bool) -> tuple[list[dict], bool]:
-    rows_out, ok = [], True
+                timing: bool, batch: bool = False) -> tuple[list[dict], bool]:
+    """The few-row cases (DECODE_ROWS x DECODE_CONTEXTS, every row one context), or with `batch` the full
+    batches of an offline run (DECODE_BATCH_ROWS rows, contexts drawn uniformly from a quarter to 1.75x
+    each of DECODE_BATCH_CONTEXTS)."""
+    rows_out = []
     buffer = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    rng = np.random.default_rng(0)
     for name in MODELS:
         heads, kv_heads, dim = shapes[name]
-        workspace = triton_decode.Workspace(max(DECODE_ROWS), kv_heads, heads // kv_heads, dim, torch.device("cuda"))
-        for rows in DECODE_ROWS:
-            for context in DECODE_CONTEXTS:
-                splits = triton_decode.default_splits(rows, kv_heads, torch.device("cuda"))
-                # Distinct caches per layer as in a decode step (no L2 reuse), within ~8 GB.
-                sets = max(1, min(LAYERS, (8 << 30) // (rows * context * kv_heads * dim * 4)))
-                inputs = [DecodeInputs(heads, kv_heads, dim, rows, context, g, cos_sin) for _ in range(sets)]
-                # The check, on fresh copies (the reference rewrites q and k in place).
-                i = inputs[0]
-                q, k, v = i.qkv.q.clone(), i.qkv.k.clone(), i.qkv.v.clone()
-                caches = i.k_cache.clone(), i.v_cache.clone()
-                got = _fused_decode(i, workspace, splits)()
-                got_k, got_v = i.k_cache.view(-1, kv_heads, dim)[i.out_loc], i.v_cache.view(-1, kv_heads, dim)[i.out_loc]
-                i.k_cache.copy_(caches[0])
-                i.v_cache.copy_(caches[1])
-                want = _flashinfer_decode(flashinfer, i, heads, kv_heads, dim, buffer)()
-                want_k, want_v = i.k_cache.view(-1, kv_heads, dim)[i.out_loc], i.v_cache.view(-1, kv_heads, dim)[i.out_loc]
-                i.qkv.q.copy_(q)
-                i.qkv.k.copy_(k)
-                assert torch.equal(i.qkv.v, v)
-                err = rel_err(got, want)
-                kv_err = max(rel_err(got_k, want_k), rel_err(got_v, want_v))
-                passed = err < 1e-2 and kv_err < 1e-2 and not bool(got.isnan().any())
-                ok &= passed
-                row = {"op": "decode_attention", "model": name, "rows": rows, "context": context, "splits": splits,
-                       "rel_err": err, "kv_rel_err": kv_err, "pass": passed}
-                if timing:
-                    row["flashinfer_us"] = round(graph_us([_flashinfer_decode(flashinfer, x, heads, kv_heads, dim,
-                                                                              buffer) for x in inputs]), 2)
-                    row["fused_us"] = round(graph_us([_fused_decode(x, workspace, splits) for x in inputs]), 2)
-                    if rows == 1 and context in (640, 8192):
-                        row["splits_us"] = {f"{s} splits, {n} tokens, {w} warps": round(graph_us(
-                            [_fused_decode(x, workspace, s, (n, w)) for x in inputs]), 2)
-                            for s in DECODE_SPLITS for n, w in DECODE_TILES}
-                rows_out.append(row)
-                print(f"{name:<11}rows={rows} context={context:<5} splits={splits:<3} rel_err {err:.2e} "
-                      f"kv {kv_err:.2e}" + (f"  flashinfer path {row['flashinfer_us']:7.2f} us  fused "
-                                           f"{row['fused_us']:7.2f} us" if timing else "")
-                      + (f"  splits {row['splits_us']}" if "splits_us" in row else ""), flush=True)
-                del inputs
-    return rows_out, ok
+        most = max(DECODE_BATCH_ROWS if batch else DECODE_ROWS)
+        workspace = triton_decode.Workspace(most, kv_heads, heads // kv_heads, dim, torch.device("cuda"))
+        for rows in DECODE_BATCH_ROWS if batch else DECODE_ROWS:
+            splits = triton_decode.default_splits(rows, kv_heads, torch.device("cuda"))
+            for context in DECODE_BATCH_CONTEXTS if batch else DECODE_CONTEXTS:
+                if batch:
+                    contexts = rng.integers(context // 4, context * 7 // 4, rows, endpoint=True).tolist()
+                    sweep: Sequence[int] = (1, 2) if rows == max(DECODE_BATCH_ROWS) else ()
+                else:
+                    contexts = [context] * rows
+                    sweep = DECODE_SPLITS if rows == 1 and context in (640, 8192) else ()
+                rows_out.append(_decode_case(flashinfer, name, shapes[name], contexts, context, workspace, splits,
+                                             buffer, g, cos_sin, timing, sweep))
+    return rows_out, all(r["pass"] for r in rows_out)
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -576,6 +608,8 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true", help="the few-row linears only (kernels/triton_gemv.py)")
     ap.add_argument("--decode", action="store_true",
                     help="the fused decode attention only (kernels/triton_decode.py)")
+    ap.add_argument("--decode-batch", action="store_true",
+                    help="with --decode: at an offline run's batches (32-256 rows of mixed contexts) instead")
     args = ap.parse_args()
     import flashinfer
     import triton
@@ -600,7 +634,8 @@ def main() -> None:
         print("GEMV ALL PASS" if report["all_pass"] else "SOME GEMV CHECKS FAILED")
         return
     if args.decode:
-        report["decode"], report["all_pass"] = decode_rows(flashinfer, shapes, cos_sin, g, timing=not args.skip_timing)
+        report["decode"], report["all_pass"] = decode_rows(flashinfer, shapes, cos_sin, g, timing=not args.skip_timing,
+                                                           batch=args.decode_batch)
         report["seconds"] = round(time.time() - t0, 1)
         if args.out:
             write_json(Path(args.out), report)

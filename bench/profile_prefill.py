@@ -2,11 +2,12 @@
 
 Runs services/llm.py's LLM (the engine alone, as bench/latency.py's engine mode) on fresh prompts of
 --tokens tokens, one token out. For each of --repeats prefills it splits the wall clock of the step
-into host phases (prepare: the batch and the attention plan; forward: queueing the model's kernels;
-sample; the wait for the token on the host) and the GPU's own time for the forward and sample (CUDA
-events), as started and again after gc.freeze(), then profiles one more prefill with the torch
-profiler and prints its kernels by GPU time and its host operations by CPU time. When the forward's
-host time is above its GPU time, the prefill is bound by launching kernels, not by running them.
+into host phases (prepare: the pages appended, the batch built with the admissions, the attention plan;
+forward: queueing the model's kernels; sample; the wait for the token on the host) and the GPU's own time
+for the forward and sample (CUDA events), as started and again after gc.freeze(), then profiles one more
+prefill with the torch profiler and prints its kernels by GPU time and its host operations by CPU time.
+When the forward's host time is above its GPU time, the prefill is bound by launching kernels, not by
+running them.
 """
 from __future__ import annotations
 
@@ -28,14 +29,29 @@ from llmrpc.v1.generation_pb2 import SamplingParams
 
 
 class PhasedLLM(LLM):
-    """Times each step's host phases (perf_counter) and its GPU work (CUDA events around it)."""
+    """Times each step's host phases (perf_counter) and its GPU work (CUDA events around it); inside
+    prepare, the pool's page appends and the attention plan, timed by wrapping those two calls."""
 
     def __init__(self, *args, **options) -> None:
         super().__init__(*args, **options)
         self.phases: list[dict[str, float]] = []
+        self._inner: dict[str, float] = {}
+        r = self.runner
+        r.kv_pool.append_pages = self._timed(r.kv_pool.append_pages, "pages_ms")  # type: ignore[method-assign]
+        r.attention.plan = self._timed(r.attention.plan, "plan_ms")  # type: ignore[method-assign]
+
+    def _timed(self, call, key: str):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._inner[key] = self._inner.get(key, 0.0) + 1e3 * (time.perf_counter() - t)
+        return timed
 
     def launch(self, step: Step) -> PendingOutput:
         r = self.runner
+        self._inner = {"pages_ms": 0.0, "plan_ms": 0.0}
         t0 = time.perf_counter()
         batch = r.prepare(step)
         assert batch is not None
@@ -50,7 +66,10 @@ class PhasedLLM(LLM):
         t3 = time.perf_counter()
         pending.result()  # the token on the host (later reads of it are free)
         t4 = time.perf_counter()
-        self.phases.append({"prepare_ms": 1e3 * (t1 - t0), "forward_host_ms": 1e3 * (t2 - t1),
+        inner = self._inner
+        self.phases.append({"prepare_ms": 1e3 * (t1 - t0), **inner,
+                            "batch_ms": 1e3 * (t1 - t0) - inner["pages_ms"] - inner["plan_ms"],
+                            "forward_host_ms": 1e3 * (t2 - t1),
                             "sample_host_ms": 1e3 * (t3 - t2), "wait_ms": 1e3 * (t4 - t3),
                             "step_wall_ms": 1e3 * (t4 - t0), "forward_gpu_ms": start.elapsed_time(mid),
                             "sample_gpu_ms": mid.elapsed_time(end)})
